@@ -1,0 +1,155 @@
+// Argument checks shared by every backend of every hesslab op.
+//
+// Each message names the op, the argument and what was expected, so that a user who
+// calls torch.ops.hesslab.* directly (bypassing hesslab/_ops.py) still learns what to
+// fix. Shape errors raise ValueError, dtype errors TypeError (TORCH_CHECK_VALUE/TYPE).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <string>
+#include <vector>
+
+namespace hesslab {
+
+inline void check_floating(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble,
+                   "hesslab.", op, ": argument '", name,
+                   "' must be float32 or float64, got ", t.scalar_type());
+}
+
+inline void check_dim(const at::Tensor& t, int64_t dim, const char* op, const char* name,
+                      const char* layout) {
+  TORCH_CHECK_VALUE(t.dim() == dim, "hesslab.", op, ": argument '", name, "' must have shape ",
+                    layout, " (", dim, " dims), got ", t.sizes());
+}
+
+inline void check_same(const at::Tensor& t, const at::Tensor& ref, const char* op,
+                       const char* name, const char* ref_name) {
+  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), "hesslab.", op, ": argument '", name,
+                   "' must have the dtype of '", ref_name, "' (", ref.scalar_type(), "), got ",
+                   t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == ref.device(), "hesslab.", op, ": argument '", name,
+                    "' must be on the device of '", ref_name, "' (", ref.device(), "), got ",
+                    t.device());
+}
+
+inline void check_device(const at::Tensor& t, const at::Tensor& ref, const char* op,
+                         const char* name, const char* ref_name) {
+  TORCH_CHECK_VALUE(t.device() == ref.device(), "hesslab.", op, ": argument '", name,
+                    "' must be on the device of '", ref_name, "' (", ref.device(), "), got ",
+                    t.device());
+}
+
+// lanczos_step_(Q (b,m,n), w (b,n), beta_prev (b,) float64, j in [0, m)).
+inline void check_lanczos_step(const at::Tensor& Q, const at::Tensor& w,
+                               const at::Tensor& beta_prev, int64_t j) {
+  const char* op = "lanczos_step_";
+  check_floating(Q, op, "Q");
+  check_dim(Q, 3, op, "Q", "(b, m, n)");
+  check_dim(w, 2, op, "w", "(b, n)");
+  check_same(w, Q, op, "w", "Q");
+  TORCH_CHECK_VALUE(w.size(0) == Q.size(0) && w.size(1) == Q.size(2), "hesslab.", op,
+                    ": argument 'w' must have shape (b, n) = (", Q.size(0), ", ", Q.size(2),
+                    ") to match 'Q' ", Q.sizes(), ", got ", w.sizes());
+  TORCH_CHECK_VALUE(Q.size(1) >= 1, "hesslab.", op, ": argument 'Q' must hold m >= 1 rows, got ",
+                    Q.sizes());
+  TORCH_CHECK_VALUE(j >= 0 && j < Q.size(1), "hesslab.", op, ": argument 'j' must satisfy 0 <= j < m = ",
+                    Q.size(1), ", got ", j);
+  TORCH_CHECK_TYPE(beta_prev.scalar_type() == at::kDouble, "hesslab.", op,
+                   ": argument 'beta_prev' must be float64, got ", beta_prev.scalar_type());
+  check_dim(beta_prev, 1, op, "beta_prev", "(b,)");
+  TORCH_CHECK_VALUE(beta_prev.size(0) == Q.size(0), "hesslab.", op,
+                    ": argument 'beta_prev' must have shape (b,) = (", Q.size(0), ",), got ",
+                    beta_prev.sizes());
+  check_device(beta_prev, Q, op, "beta_prev", "Q");
+}
+
+// reorthogonalize_(Q (b,m,n), w (b,n), j in [0, m]).
+inline void check_reorthogonalize(const at::Tensor& Q, const at::Tensor& w, int64_t j) {
+  const char* op = "reorthogonalize_";
+  check_floating(Q, op, "Q");
+  check_dim(Q, 3, op, "Q", "(b, m, n)");
+  check_dim(w, 2, op, "w", "(b, n)");
+  check_same(w, Q, op, "w", "Q");
+  TORCH_CHECK_VALUE(w.size(0) == Q.size(0) && w.size(1) == Q.size(2), "hesslab.", op,
+                    ": argument 'w' must have shape (b, n) = (", Q.size(0), ", ", Q.size(2),
+                    ") to match 'Q' ", Q.sizes(), ", got ", w.sizes());
+  TORCH_CHECK_VALUE(j >= 0 && j <= Q.size(1), "hesslab.", op,
+                    ": argument 'j' must satisfy 0 <= j <= m = ", Q.size(1), ", got ", j);
+}
+
+// Grouped Kronecker factors: A[l] (in_l, in_l), B[l] (out_l, out_l); V (b, N) with
+// N = sum_l out_l * in_l. Returns the per-layer offsets into the flat dimension.
+inline std::vector<int64_t> check_kron_factors(at::TensorList A, at::TensorList B,
+                                               const at::Tensor& V, const char* op,
+                                               const char* a_name, const char* b_name) {
+  check_floating(V, op, "V");
+  check_dim(V, 2, op, "V", "(b, N)");
+  TORCH_CHECK_VALUE(A.size() == B.size(), "hesslab.", op, ": arguments '", a_name, "' and '",
+                    b_name, "' must list the same number of layers, got ", A.size(), " and ",
+                    B.size());
+  std::vector<int64_t> offsets(A.size() + 1, 0);
+  for (size_t l = 0; l < A.size(); ++l) {
+    const std::string an = std::string(a_name) + "[" + std::to_string(l) + "]";
+    const std::string bn = std::string(b_name) + "[" + std::to_string(l) + "]";
+    check_same(A[l], V, op, an.c_str(), "V");
+    check_same(B[l], V, op, bn.c_str(), "V");
+    TORCH_CHECK_VALUE(A[l].dim() == 2 && A[l].size(0) == A[l].size(1), "hesslab.", op,
+                      ": argument '", an, "' must be a square matrix (in, in), got ",
+                      A[l].sizes());
+    TORCH_CHECK_VALUE(B[l].dim() == 2 && B[l].size(0) == B[l].size(1), "hesslab.", op,
+                      ": argument '", bn, "' must be a square matrix (out, out), got ",
+                      B[l].sizes());
+    offsets[l + 1] = offsets[l] + A[l].size(0) * B[l].size(0);
+  }
+  TORCH_CHECK_VALUE(V.size(1) == offsets.back(), "hesslab.", op,
+                    ": argument 'V' must have N = sum(out*in) = ", offsets.back(),
+                    " columns for the given factors, got ", V.sizes());
+  return offsets;
+}
+
+// kron_eig_apply: eigenvalue vectors match their bases; thresholds (L,) float64.
+inline std::vector<int64_t> check_kron_eig(at::TensorList UA, at::TensorList lamA,
+                                           at::TensorList UB, at::TensorList lamB,
+                                           const at::Tensor& V, const at::Tensor& thresholds) {
+  const char* op = "kron_eig_apply";
+  auto offsets = check_kron_factors(UA, UB, V, op, "UA", "UB");
+  TORCH_CHECK_VALUE(lamA.size() == UA.size() && lamB.size() == UB.size(), "hesslab.", op,
+                    ": arguments 'lamA' and 'lamB' must list one eigenvalue vector per layer (",
+                    UA.size(), "), got ", lamA.size(), " and ", lamB.size());
+  for (size_t l = 0; l < UA.size(); ++l) {
+    const std::string an = "lamA[" + std::to_string(l) + "]";
+    const std::string bn = "lamB[" + std::to_string(l) + "]";
+    check_same(lamA[l], V, op, an.c_str(), "V");
+    check_same(lamB[l], V, op, bn.c_str(), "V");
+    TORCH_CHECK_VALUE(lamA[l].dim() == 1 && lamA[l].size(0) == UA[l].size(0), "hesslab.", op,
+                      ": argument '", an, "' must have shape (", UA[l].size(0), ",), got ",
+                      lamA[l].sizes());
+    TORCH_CHECK_VALUE(lamB[l].dim() == 1 && lamB[l].size(0) == UB[l].size(0), "hesslab.", op,
+                      ": argument '", bn, "' must have shape (", UB[l].size(0), ",), got ",
+                      lamB[l].sizes());
+  }
+  TORCH_CHECK_TYPE(thresholds.scalar_type() == at::kDouble, "hesslab.", op,
+                   ": argument 'thresholds' must be float64, got ", thresholds.scalar_type());
+  TORCH_CHECK_VALUE(thresholds.dim() == 1 && thresholds.size(0) == (int64_t)UA.size(), "hesslab.",
+                    op, ": argument 'thresholds' must have shape (L,) = (", UA.size(),
+                    ",), one per layer, got ", thresholds.sizes());
+  check_device(thresholds, V, op, "thresholds", "V");
+  return offsets;
+}
+
+// kron_topk(lamB (p,), lamA (q,), k in [0, p*q]).
+inline void check_kron_topk(const at::Tensor& lamB, const at::Tensor& lamA, int64_t k) {
+  const char* op = "kron_topk";
+  check_floating(lamB, op, "lamB");
+  check_dim(lamB, 1, op, "lamB", "(p,)");
+  check_dim(lamA, 1, op, "lamA", "(q,)");
+  check_same(lamA, lamB, op, "lamA", "lamB");
+  TORCH_CHECK_VALUE(k >= 0 && k <= lamB.size(0) * lamA.size(0), "hesslab.", op,
+                    ": argument 'k' must satisfy 0 <= k <= p*q = ", lamB.size(0) * lamA.size(0),
+                    ", got ", k);
+}
+
+}  // namespace hesslab

@@ -1,0 +1,43 @@
+// hesslab._C: the module stub and every op schema, in one TORCH_LIBRARY block.
+//
+// Importing hesslab._C loads this shared library, whose static initialisers register
+// the schemas below and the kernels of each backend file (cpu/*_cpu.cpp with
+// TORCH_LIBRARY_IMPL(hesslab, CPU, m), cuda/*_cuda.cpp with TORCH_LIBRARY_IMPL(hesslab,
+// CUDA, m)). Python never calls into this module directly: everything goes through
+// torch.ops.hesslab.*, wrapped by hesslab/_ops.py.
+//
+// Conventions shared by every op (see the docstrings in hesslab/_ops.py):
+//   * Lanczos bases Q are (b, m, n): b independent runs, m rows each, n-vectors; the
+//     storage dtype is float32 or float64, inner products accumulate in float64.
+//   * Kronecker layers use PyTorch's row-major vec: for V of shape (out, in),
+//     (B kron A) vec(V) = vec(B V A^T). Flat vectors concatenate the layers' blocks.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(hesslab, m) {
+  // One Lanczos step for b runs: alpha = <w, q_j>; w -= alpha q_j + beta_prev q_{j-1};
+  // CGS2 against q_0..q_j (alpha absorbs the q_j corrections); beta = ||w||;
+  // Q[:, j+1] = w / beta when j + 1 < m. breakdown[i] is true when beta <= tol * ||w_in||,
+  // and then Q[i, j+1] is written as zeros (never NaN) for the driver to replace.
+  m.def(
+      "lanczos_step_(Tensor(a!) Q, Tensor(b!) w, Tensor beta_prev, int j, float tol) -> "
+      "(Tensor alpha, Tensor beta, Tensor breakdown)");
+  // CGS2 of w against Q[:, :j]; returns the total coefficients (b, j) in float64.
+  m.def("reorthogonalize_(Tensor Q, Tensor(a!) w, int j) -> Tensor");
+  // Block-diagonal Kronecker product: out_l = vec(B_l V_l A_l^T) for every layer l.
+  m.def("kron_matmul(Tensor[] A, Tensor[] B, Tensor V) -> Tensor");
+  // out_l = U_B (f(lamB lamA^T) * (U_B^T V_l U_A)) U_A^T with f(x) = (x + damping)^power
+  // where x >= thresholds[l] and 0 elsewhere.
+  m.def(
+      "kron_eig_apply(Tensor[] UA, Tensor[] lamA, Tensor[] UB, Tensor[] lamB, Tensor V, "
+      "float power, float damping, Tensor thresholds) -> Tensor");
+  // Top-k products lamB[i] * lamA[j], descending, with their index pairs.
+  m.def("kron_topk(Tensor lamB, Tensor lamA, int k) -> (Tensor values, Tensor idx_B, Tensor idx_A)");
+}

@@ -1,0 +1,104 @@
+"""Base for result dataclasses: ``to_dict()``, ``save()`` and ``load()``.
+
+Every solver and analysis returns a dataclass deriving from :class:`Result`. Arrays
+(numpy or torch) are stored as numpy arrays; ``save`` writes JSON (arrays as lists)
+or NPZ (arrays kept binary, scalars in a JSON header) by the file's suffix, and
+``load`` reads either back into the same class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+R = TypeVar("R", bound="Result")
+
+
+def _plain(value: Any) -> Any:
+    """Convert tensors to numpy and numpy scalars to Python scalars, recursively."""
+    try:
+        import torch
+
+        if isinstance(value, torch.Tensor):
+            return value.detach().cpu().numpy()
+    except ImportError:  # pragma: no cover - torch is a hard dependency
+        pass
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    return value
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return {"__ndarray__": value.tolist(), "dtype": str(value.dtype), "shape": list(value.shape)}
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not np.isfinite(value):
+        return {"__float__": repr(value)}
+    return value
+
+
+def _from_json(value: Any) -> Any:
+    if isinstance(value, dict):
+        if "__ndarray__" in value:
+            return np.asarray(value["__ndarray__"], dtype=value["dtype"]).reshape(value["shape"])
+        if "__float__" in value:
+            return float(value["__float__"])
+        return {k: _from_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_from_json(v) for v in value]
+    return value
+
+
+@dataclasses.dataclass
+class Result:
+    """Mixin for hesslab's result dataclasses."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Fields as a dict of Python scalars, strings and numpy arrays."""
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def to_json(self) -> dict[str, Any]:
+        """Fields as a JSON-serialisable dict (arrays tagged so :meth:`from_json` restores them)."""
+        return {"type": type(self).__name__, **_jsonable(self.to_dict())}
+
+    @classmethod
+    def from_json(cls: type[R], data: dict[str, Any]) -> R:
+        data = {k: v for k, v in data.items() if k != "type"}
+        return cls(**_from_json(data))
+
+    def save(self, path: str | Path) -> Path:
+        """Write to ``path``: ``.npz`` keeps arrays binary, anything else is JSON."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix == ".npz":
+            d = self.to_dict()
+            arrays = {k: v for k, v in d.items() if isinstance(v, np.ndarray)}
+            rest = {k: v for k, v in d.items() if k not in arrays}
+            header = json.dumps({"type": type(self).__name__, **_jsonable(rest)})
+            np.savez(path, __header__=np.array(header), **arrays)
+        else:
+            path.write_text(json.dumps(self.to_json(), indent=1))
+        return path
+
+    @classmethod
+    def load(cls: type[R], path: str | Path) -> R:
+        """Read a file written by :meth:`save`."""
+        path = Path(path)
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                data = json.loads(str(z["__header__"]))
+                data.update({k: z[k] for k in z.files if k != "__header__"})
+        else:
+            data = json.loads(path.read_text())
+        return cls.from_json(data)

@@ -1,0 +1,155 @@
+"""The compiled Kronecker ops against dense kron products and their pure-torch twins."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hesslab import _ops, reference
+from hesslab.errors import HesslabError
+
+LAYERS = [(3, 4), (1, 1), (5, 2), (7, 13), (10, 1)]  # (out, in)
+TOL = {torch.float32: 1e-4, torch.float64: 1e-11}
+
+
+def _spd(k: int, dtype, device, shift: float = 0.1) -> torch.Tensor:
+    X = torch.randn(k, k + 2, dtype=torch.float64)
+    return ((X @ X.T) / k + shift * torch.eye(k, dtype=torch.float64)).to(dtype=dtype, device=device)
+
+
+def _factors(dtype, device, layers=LAYERS):
+    A = [_spd(i, dtype, device) for _, i in layers]
+    B = [_spd(o, dtype, device) for o, _ in layers]
+    return A, B
+
+
+def _dense(A, B) -> torch.Tensor:
+    """The block-diagonal matrix diag(B_l ⊗ A_l) for row-major vec (float64)."""
+    return torch.block_diag(*[torch.kron(b.double().contiguous(), a.double().contiguous()) for a, b in zip(A, B)])
+
+
+@pytest.mark.parametrize("b", [0, 1, 3])
+def test_kron_matmul_matches_dense_kron(b, dtype, device):
+    A, B = _factors(dtype, device)
+    N = sum(o * i for o, i in LAYERS)
+    V = torch.randn(b, N, dtype=dtype, device=device)
+    out = _ops.kron_matmul(A, B, V)
+    assert out.shape == (b, N) and out.dtype == dtype
+    expected = V.double() @ _dense(A, B).T
+    torch.testing.assert_close(out.double(), expected, rtol=TOL[dtype], atol=TOL[dtype])
+    torch.testing.assert_close(out, reference.kron_matmul(A, B, V), rtol=TOL[dtype], atol=TOL[dtype])
+
+
+def test_kron_matmul_non_contiguous_and_unsymmetric(dtype, device):
+    layers = [(6, 3), (2, 9)]
+    A = [torch.randn(i, i, dtype=dtype, device=device).t() for _, i in layers]  # strided, not symmetric
+    B = [torch.randn(o, o, dtype=dtype, device=device) for o, _ in layers]
+    N = sum(o * i for o, i in layers)
+    V = torch.randn(N, 4, dtype=dtype, device=device).t()
+    assert not V.is_contiguous()
+    expected = V.double() @ _dense(A, B).T
+    torch.testing.assert_close(_ops.kron_matmul(A, B, V).double(), expected, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+def _eig(A, B):
+    la, ua = zip(*[torch.linalg.eigh(a) for a in A])
+    lb, ub = zip(*[torch.linalg.eigh(b) for b in B])
+    return list(ua), list(la), list(ub), list(lb)
+
+
+def test_kron_eig_apply_power_and_damped_inverse(dtype, device):
+    A, B = _factors(dtype, device)
+    UA, lamA, UB, lamB = _eig(A, B)
+    N = sum(o * i for o, i in LAYERS)
+    V = torch.randn(3, N, dtype=dtype, device=device)
+    D = _dense(A, B)
+    # power 1: the product itself
+    out = _ops.kron_eig_apply(UA, lamA, UB, lamB, V, 1.0, 0.0)
+    torch.testing.assert_close(out.double(), V.double() @ D.T, rtol=TOL[dtype] * 10, atol=TOL[dtype] * 10)
+    # power -1 with damping: (B ⊗ A + d I)^{-1}
+    d = 0.3
+    out = _ops.kron_eig_apply(UA, lamA, UB, lamB, V, -1.0, d)
+    expected = torch.linalg.solve(D + d * torch.eye(N, dtype=torch.float64, device=device), V.double().T).T
+    torch.testing.assert_close(out.double(), expected, rtol=TOL[dtype] * 10, atol=TOL[dtype] * 10)
+    # power 1/2, squared, is the product again
+    half = _ops.kron_eig_apply(UA, lamA, UB, lamB, V, 0.5, 0.0)
+    twice = _ops.kron_eig_apply(UA, lamA, UB, lamB, half, 0.5, 0.0)
+    torch.testing.assert_close(twice.double(), V.double() @ D.T, rtol=TOL[dtype] * 10, atol=TOL[dtype] * 10)
+    ref = reference.kron_eig_apply(UA, lamA, UB, lamB, V, -1.0, d, torch.full((len(LAYERS),), -float("inf"), dtype=torch.float64, device=device))
+    torch.testing.assert_close(_ops.kron_eig_apply(UA, lamA, UB, lamB, V, -1.0, d), ref, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+def test_kron_topk_projection_matches_dense_eigenspace(device):
+    dtype = torch.float64
+    layers = [(4, 5), (3, 6)]
+    A, B = _factors(dtype, device, layers)
+    UA, lamA, UB, lamB = _eig(A, B)
+    k = 4
+    thresholds, projectors = [], []
+    for l in range(len(layers)):
+        vals, ib, ia = _ops.kron_topk(lamB[l], lamA[l], k)
+        thresholds.append(vals[-1].item())
+        # the eigenvectors U_B[:, i] ⊗ U_A[:, j] span the top-k eigenspace of the dense block
+        Uk = torch.stack([torch.kron(UB[l][:, i], UA[l][:, j]) for i, j in zip(ib.tolist(), ia.tolist())], 1)
+        lam, U = torch.linalg.eigh(torch.kron(B[l], A[l]))
+        torch.testing.assert_close(vals, lam.flip(0)[:k])
+        torch.testing.assert_close(Uk @ Uk.T, U[:, -k:] @ U[:, -k:].T, atol=1e-10, rtol=0)
+        projectors.append(Uk @ Uk.T)
+    N = sum(o * i for o, i in layers)
+    V = torch.randn(2, N, dtype=dtype, device=device)
+    thr = torch.tensor(thresholds, dtype=torch.float64, device=device)
+    out = _ops.kron_eig_apply(UA, lamA, UB, lamB, V, 0.0, 0.0, thr)
+    torch.testing.assert_close(out, V @ torch.block_diag(*projectors), atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("p,q,k", [(5, 7, 10), (1, 1, 1), (6, 3, 18), (4, 4, 0), (30, 40, 100)])
+def test_kron_topk_mixed_signs(p, q, k, dtype, device):
+    lamB = torch.randn(p, dtype=dtype, device=device)
+    lamA = torch.randn(q, dtype=dtype, device=device)
+    vals, ib, ia = _ops.kron_topk(lamB, lamA, k)
+    rvals, _, _ = reference.kron_topk(lamB, lamA, k)
+    assert vals.shape == ib.shape == ia.shape == (k,) and ib.dtype == torch.long
+    torch.testing.assert_close(vals, rvals, rtol=TOL[dtype], atol=TOL[dtype])
+    torch.testing.assert_close(vals, (lamB[ib] * lamA[ia]), rtol=TOL[dtype], atol=TOL[dtype])
+    assert len(set(zip(ib.tolist(), ia.tolist()))) == k  # distinct pairs
+
+
+def test_bad_arguments_name_the_argument(device):
+    A, B = _factors(torch.float64, device, [(2, 3)])
+    V = torch.randn(1, 6, dtype=torch.float64, device=device)
+    with pytest.raises(HesslabError, match="'V'"):
+        _ops.kron_matmul(A, B, V[:, :5])
+    with pytest.raises(HesslabError, match=r"'A\[0\]'"):
+        _ops.kron_matmul([A[0].float()], B, V)
+    with pytest.raises(HesslabError, match=r"'B\[0\]'"):
+        _ops.kron_matmul(A, [torch.randn(2, 3, dtype=torch.float64, device=device)], V)
+    with pytest.raises(HesslabError, match="same number of layers"):
+        _ops.kron_matmul(A + A, B, V)
+    with pytest.raises(HesslabError, match="'k'"):
+        _ops.kron_topk(torch.ones(2, device=device), torch.ones(3, device=device), 7)
+    with pytest.raises(HesslabError, match="'lamA'"):
+        _ops.kron_topk(torch.ones(2, device=device), torch.ones(3, dtype=torch.float64, device=device), 1)
+    UA, lamA, UB, lamB = _eig(A, B)
+    with pytest.raises(HesslabError, match="'thresholds'"):
+        _ops.kron_eig_apply(UA, lamA, UB, lamB, V, 1.0, 0.0, torch.zeros(2, dtype=torch.float64, device=device))
+    with pytest.raises(HesslabError, match=r"'lamA\[0\]'"):
+        _ops.kron_eig_apply(UA, [lamA[0][:2]], UB, lamB, V)
+    with pytest.raises(HesslabError, match="must be a torch.Tensor"):
+        _ops.kron_matmul([A[0].numpy() if device.type == "cpu" else None], B, V)
+
+
+def test_opcheck(dtype, device):
+    A, B = _factors(dtype, device, [(3, 4), (2, 2)])
+    UA, lamA, UB, lamB = _eig(A, B)
+    V = torch.randn(2, 16, dtype=dtype, device=device)
+    thr = torch.full((2,), -float("inf"), dtype=torch.float64, device=device)
+    torch.library.opcheck(torch.ops.hesslab.kron_matmul.default, (A, B, V))
+    torch.library.opcheck(torch.ops.hesslab.kron_eig_apply.default, (UA, lamA, UB, lamB, V, -1.0, 0.1, thr))
+    torch.library.opcheck(torch.ops.hesslab.kron_topk.default, (lamB[0], lamA[0], 5))
+
+
+def test_under_torch_compile(device):
+    A, B = _factors(torch.float64, device, [(3, 4)])
+    V = torch.randn(2, 12, dtype=torch.float64, device=device)
+    f = torch.compile(lambda V: torch.ops.hesslab.kron_matmul(A, B, V) + 1, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(f(V), reference.kron_matmul(A, B, V) + 1)
