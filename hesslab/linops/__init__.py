@@ -1,0 +1,24 @@
+"""Linear operators over a model's parameters: Hessian, GGN, dense matrices and sums.
+
+Every operator acts on flat parameter vectors (n,) and blocks (n, b) (columns are
+vectors; parameters flattened row-major in ``named_parameters()`` order) and supports
+``@``, ``matmat``, ``to_scipy()``, ``to_dense()`` (small n), ``+``, ``-`` and scaling.
+"""
+
+from __future__ import annotations
+
+from hesslab.linops._base import DenseOperator, LinearOperator
+from hesslab.linops._curvature import GGN, CurvatureOperator, Hessian
+from hesslab.linops._params import select_parameters
+
+__all__ = [
+    # base and algebra
+    "LinearOperator",
+    "DenseOperator",
+    # curvature of a model's loss
+    "CurvatureOperator",
+    "Hessian",
+    "GGN",
+    # parameter selection
+    "select_parameters",
+]

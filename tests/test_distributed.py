@@ -1,0 +1,89 @@
+"""Data-parallel operators: two gloo processes on the CPU against one process over all the data.
+
+Each rank holds an uneven shard (7 and 13 of 20 samples; one rank a single batch, the
+other a DataLoader with an uneven last batch). Products, gradient, loss and the number
+of samples must equal those of a single process over all of the data: the operators
+all-reduce with each rank weighted by its number of samples.
+"""
+
+from __future__ import annotations
+
+import datetime
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from hesslab.linops import GGN, Hessian
+from tests.models import classification_data, mlp
+
+WORLD = 2
+SHARDS = [slice(0, 7), slice(7, 20)]
+CE = nn.CrossEntropyLoss()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _setup() -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
+    model = mlp(batchnorm=True, hidden=(6, 5))
+    X, y = classification_data(20)
+    n = sum(p.numel() for p in model.parameters())
+    V = torch.randn(n, 3, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    return model, X, y, V
+
+
+def _results(model: nn.Module, data, V: torch.Tensor) -> dict[str, object]:
+    H = Hessian(model, CE, data)
+    G = GGN(model, CE, data)
+    return {
+        "HV": H @ V,
+        "Hv": H @ V[:, 0],
+        "GV": G @ V,
+        "grad": H.gradient(),
+        "loss": H.loss(),
+        "num_data": H.num_data,
+        "block": Hessian(model, CE, data, params="0.*") @ V[:30, :2],  # "0.weight", "0.bias": 30
+    }
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    try:
+        model, X, y, V = _setup()
+        Xs, ys = X[SHARDS[rank]], y[SHARDS[rank]]
+        if rank == 0:
+            data = (Xs, ys)  # one batch in memory: the kept-graph path
+        else:
+            data = DataLoader(TensorDataset(Xs, ys), batch_size=5)  # 5 + 5 + 3
+        torch.save(_results(model, data, V), Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_processes_match_one_process(tmp_path):
+    assert not dist.is_initialized()
+    model, X, y, V = _setup()
+    expected = _results(model, (X, y), V)
+    assert expected["num_data"] == 20
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    for rank in range(WORLD):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert got["num_data"] == 20
+        assert abs(got["loss"] - expected["loss"]) <= 1e-13 * abs(expected["loss"])
+        for key in ("HV", "Hv", "GV", "grad", "block"):
+            scale = expected[key].abs().max()
+            err = (got[key] - expected[key]).abs().max()
+            assert err <= 1e-12 * scale, (rank, key, float(err), float(scale))
