@@ -1,14 +1,32 @@
 """hesslab: Hessian spectra of PyTorch models.
 
-Operators turn a model, a loss and data into a linear operator over the parameters;
-solvers turn operators into spectral results; analyses turn results into findings.
-See README.md for a quickstart and DESIGN notes.
+A model, a loss and data become a linear operator over the parameters (``Hessian``,
+``GGN``); solvers turn an operator into spectral results (``lanczos``,
+``spectral_density``, ``trace``, ``eigh_exact``); analyses turn results into findings
+(``power_law_fit``, ``numerical_rank``, ``linear_network_rank``). Every result is a
+dataclass with ``save``/``load`` and, where a picture helps, ``plot``.
+
+    import hesslab as hl
+    H = hl.Hessian(model, torch.nn.CrossEntropyLoss(), (inputs, targets))
+    top = hl.lanczos(H, k=10)
+    density = hl.spectral_density(H, num_steps=90, num_probes=8)
 """
 
 from __future__ import annotations
 
 from ._build import build_info
 from ._version import __version__
+from .analysis import LinearRankPrediction, PowerLawFit, RankResult, linear_network_rank, numerical_rank, power_law_fit
 from .errors import HesslabError
+from .linops import GGN, DenseOperator, Hessian, LinearOperator
+from .solvers import EigenResult, SpectralDensity, TraceEstimate, eigh_exact, lanczos, spectral_density, trace
 
-__all__ = ["__version__", "build_info", "HesslabError"]
+__all__ = [
+    "__version__", "build_info", "HesslabError",
+    # operators
+    "LinearOperator", "DenseOperator", "Hessian", "GGN",
+    # solvers
+    "lanczos", "eigh_exact", "spectral_density", "trace", "EigenResult", "SpectralDensity", "TraceEstimate",
+    # analyses
+    "power_law_fit", "PowerLawFit", "numerical_rank", "RankResult", "linear_network_rank", "LinearRankPrediction",
+]

@@ -27,3 +27,13 @@ def dtype(request) -> torch.dtype:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tests use tiny tensors: one thread avoids oversubscribing the 2-core CI machines.
+    The kernels' multi-threaded paths are tested explicitly (test_lanczos_ops)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -61,6 +61,25 @@ def test_reorthogonalize_matches_twin(shape, dtype, device):
             assert proj.abs().max() <= TOL[dtype] * 10 * w.double().norm(dim=1).max()
 
 
+def test_results_do_not_depend_on_the_thread_count():
+    """The CPU kernels cut work into fixed segments: 1 and 2 threads agree bitwise."""
+    b, m, n, j = 3, 6, 300_001, 4
+    Q = _basis(b, m, n, j + 1, torch.float32, "cpu")
+    w = torch.randn(b, n)
+    bp = torch.rand(b, dtype=torch.float64)
+    outs = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            Qt, wt = Q.clone(), w.clone()
+            outs.append((*_ops.lanczos_step_(Qt, wt, bp, j, 1e-10), Qt, wt, _ops.reorthogonalize_(Qt, wt.clone(), j)))
+    finally:
+        torch.set_num_threads(before)
+    for x, y in zip(*outs):
+        assert torch.equal(x, y)
+
+
 def test_non_contiguous_inputs_are_written_back(dtype, device):
     b, m, n, j = 3, 6, 101, 2
     Qc = _basis(b, m, n, j + 1, dtype, device)

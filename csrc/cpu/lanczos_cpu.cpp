@@ -156,14 +156,14 @@ void lanczos_step_kernel(T* Q, T* w, const double* beta_prev, int64_t b, int64_t
 // Runs `body(Qc, wc)` on contiguous tensors and copies the results back into the
 // caller's (possibly strided) Q and w, which the ops mutate in place.
 template <typename F>
-void with_contiguous(at::Tensor& Q, at::Tensor& w, bool write_q, F body) {
+void with_contiguous(const at::Tensor& Q, const at::Tensor& w, bool write_q, F body) {
   at::Tensor Qc = Q.contiguous(), wc = w.contiguous();
   body(Qc, wc);
   if (write_q && !Qc.is_same(Q)) Q.copy_(Qc);
   if (!wc.is_same(w)) w.copy_(wc);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lanczos_step_cpu(at::Tensor Q, at::Tensor w,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lanczos_step_cpu(const at::Tensor& Q, const at::Tensor& w,
                                                                  const at::Tensor& beta_prev, int64_t j,
                                                                  double tol) {
   check_lanczos_step(Q, w, beta_prev, j);
@@ -182,12 +182,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lanczos_step_cpu(at::Tensor Q, at
   return {alpha, beta, breakdown};
 }
 
-at::Tensor reorthogonalize_cpu(const at::Tensor& Q, at::Tensor w, int64_t j) {
+at::Tensor reorthogonalize_cpu(const at::Tensor& Q, const at::Tensor& w, int64_t j) {
   check_reorthogonalize(Q, w, j);
   const int64_t b = Q.size(0), m = Q.size(1), n = Q.size(2);
   at::Tensor coeff = at::zeros({b, j}, at::TensorOptions().dtype(at::kDouble));
-  at::Tensor Qm = Q;  // read only: with_contiguous does not write it back
-  with_contiguous(Qm, w, false, [&](at::Tensor& Qc, at::Tensor& wc) {
+  with_contiguous(Q, w, false, [&](at::Tensor& Qc, at::Tensor& wc) {
     AT_DISPATCH_FLOATING_TYPES(Q.scalar_type(), "reorthogonalize_cpu", [&] {
       cgs2<scalar_t>(Qc.data_ptr<scalar_t>(), m, j, wc.data_ptr<scalar_t>(), b, n, coeff.data_ptr<double>());
     });

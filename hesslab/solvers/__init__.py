@@ -1,0 +1,11 @@
+"""Spectral solvers: operators in, results (dataclasses with save/load/plot) out."""
+
+from ._lanczos import EigenResult, eigh_exact, lanczos
+from ._slq import SpectralDensity, gauss_quadrature, smooth_density, spectral_density
+from ._trace import TraceEstimate, trace
+
+__all__ = [
+    "EigenResult", "lanczos", "eigh_exact",
+    "SpectralDensity", "spectral_density", "gauss_quadrature", "smooth_density",
+    "TraceEstimate", "trace",
+]

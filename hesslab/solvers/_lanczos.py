@@ -1,0 +1,209 @@
+"""Extreme eigenpairs by Lanczos with full reorthogonalization: ``hl.lanczos``."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.linalg
+import torch
+from torch import Tensor
+
+from .._results import Result
+from ..errors import HesslabError, require
+from ..linops import LinearOperator
+from ._krylov import KrylovState, breakdown_tol, run_krylov
+
+WHICH = ("LA", "SA", "LM")
+
+
+@dataclass
+class EigenResult(Result):
+    """Eigenpairs of an operator.
+
+    Attributes:
+        eigenvalues: (k,) float64, in the order asked for: descending for "LA" and "LM"
+            (by magnitude), ascending for "SA".
+        eigenvectors: (n, k) float64, orthonormal columns (Ritz vectors), or None.
+        residuals: (k,) ‖A v − λ v‖ measured with one extra product per vector (NaN when
+            not measured).
+        converged: (k,) bool, residual estimate ≤ tol · ‖T‖.
+        num_matvecs: operator products used (columns), the residual check included.
+        num_steps: Lanczos steps taken.
+        which: "LA", "SA", "LM" or "all".
+        restarts: breakdowns answered with a fresh orthogonal vector.
+    """
+
+    eigenvalues: Tensor
+    eigenvectors: Tensor | None
+    residuals: Tensor
+    converged: Tensor
+    num_matvecs: int
+    num_steps: int
+    which: str
+    restarts: int = 0
+
+    @property
+    def num_converged(self) -> int:
+        return int(np.asarray(self.converged).sum())
+
+
+def select(theta: np.ndarray, k: int, which: str) -> np.ndarray:
+    """Indices of the k wanted values of ``theta`` (ascending input), in reporting order."""
+    if which == "LA":
+        return np.argsort(-theta, kind="stable")[:k]
+    if which == "SA":
+        return np.argsort(theta, kind="stable")[:k]
+    return np.argsort(-np.abs(theta), kind="stable")[:k]
+
+
+def _ritz(state: KrylovState) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Ritz values (ascending), T's eigenvectors, and the residual estimates |β_m s_{m,i}|."""
+    d, e = state.tridiagonal(0)
+    m = d.shape[0]
+    if m == 1:
+        theta, S = d.numpy().copy(), np.ones((1, 1))
+    else:
+        theta, S = scipy.linalg.eigh_tridiagonal(d.numpy(), e.numpy())
+    beta_m = float(state.betas[0, m - 1])
+    return theta, S, np.abs(beta_m * S[-1, :])
+
+
+def lanczos(
+    op: LinearOperator,
+    k: int = 10,
+    which: str = "LA",
+    *,
+    tol: float = 1e-8,
+    max_steps: int | None = None,
+    v0: Tensor | None = None,
+    seed: int = 0,
+    return_eigenvectors: bool = True,
+    compute_residuals: bool = True,
+    basis_dtype: torch.dtype | None = None,
+    basis_device: torch.device | str | None = None,
+    check_every: int = 5,
+    progress: bool | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 10,
+) -> EigenResult:
+    """The k extreme eigenpairs of a symmetric operator.
+
+    Lanczos with full reorthogonalization (CGS2, float64 inner products) through the
+    compiled ``lanczos_step_``. The Krylov space grows until every wanted Ritz pair has a
+    residual estimate |β_m s_{m,i}| ≤ tol · ‖T_m‖₂ (checked every ``check_every`` steps) or
+    ``max_steps`` is reached; a breakdown (an invariant subspace) continues with a fresh
+    orthogonal vector, so eigenvalues of any multiplicity are found. With full
+    reorthogonalization no restart is needed for convergence: the cost is memory, k to a
+    few thousand rows of n, checked before the run starts.
+
+    Args:
+        op: symmetric (n, n) operator, e.g. ``hl.Hessian``.
+        k: number of eigenpairs, 1 ≤ k < n (use :func:`eigh_exact` for all of them).
+        which: "LA" largest algebraic, "SA" smallest algebraic, "LM" largest magnitude.
+        tol: relative residual tolerance; eigenvalues are then accurate to about
+            tol² · ‖A‖² / gap.
+        max_steps: Krylov dimension limit; default min(n, max(300, 40 k)).
+        v0: warm start, (n,) or (n, j) (e.g. the previous eigenvectors when tracking
+            training): the start vector is their sum plus a 1e-3 random perturbation.
+        seed: seed of the random start and restart vectors.
+        return_eigenvectors: compute the (n, k) Ritz vectors.
+        compute_residuals: measure ‖A v − λ v‖ with k extra products (one data pass).
+        basis_dtype: storage of the Krylov basis; default the operator's dtype. float32
+            halves the memory; inner products still accumulate in float64.
+        basis_device: where the basis lives (default the operator's device).
+        check_every: steps between convergence checks.
+        progress: progress bar; None shows it when stderr is a terminal.
+        checkpoint: file to save the run's state to and resume from after an interruption.
+        checkpoint_every: steps between checkpoint writes (an interruption always writes).
+
+    Returns:
+        EigenResult.
+
+    Raises:
+        HesslabError: bad k, which or max_steps, or a basis that does not fit in memory.
+    """
+    n = op.shape[0]
+    require(which in WHICH, f"which must be one of {WHICH}, got {which!r}")
+    require(isinstance(k, (int, np.integer)) and 1 <= k < n,
+            f"k must satisfy 1 <= k < n = {n}, got {k!r}; for all eigenvalues use hl.eigh_exact")
+    if max_steps is None:
+        max_steps = min(n, max(300, 40 * k))
+    require(k <= max_steps <= n, f"max_steps must satisfy k = {k} <= max_steps <= n = {n}, got {max_steps}")
+    basis_dtype = basis_dtype or op.dtype
+    basis_device = torch.device(basis_device) if basis_device is not None else op.device
+    gen = torch.Generator().manual_seed(seed)
+    start = torch.randn(1, n, generator=gen, dtype=torch.float64)
+    if v0 is not None:
+        v = torch.as_tensor(v0).detach().to("cpu", torch.float64)
+        v = v[:, None] if v.dim() == 1 else v
+        require(v.dim() == 2 and v.shape[0] == n, f"v0 must have shape (n,) or (n, j) with n = {n}, got {tuple(v.shape)}")
+        warm = v.sum(1)
+        require(bool(warm.norm() > 0), "v0 must not sum to zero")
+        start = warm[None] / warm.norm() + 1e-3 * start / start.norm()
+
+    def converged(state: KrylovState) -> bool:
+        if state.j < k:
+            return False
+        theta, _, est = _ritz(state)
+        sel = select(theta, k, which)
+        return bool(np.all(est[sel] <= tol * max(np.abs(theta).max(), 1e-300)))
+
+    state = run_krylov(
+        op, start, max_steps, basis_dtype=basis_dtype, basis_device=basis_device, on_breakdown="restart",
+        generator=gen, breakdown_tol=breakdown_tol(basis_dtype), stop=converged, check_every=check_every,
+        initial_capacity=max(2 * k + 20, 64), progress=progress, desc=f"lanczos k={k} {which}", checkpoint=checkpoint, checkpoint_every=checkpoint_every,
+        config={"solver": "lanczos", "k": k, "which": which, "tol": tol, "seed": seed,
+                "v0": None if v0 is None else float(start.sum())},
+    )
+    theta, S, est = _ritz(state)
+    sel = select(theta, k, which)
+    scale = max(np.abs(theta).max(), 1e-300)
+    m = int(state.steps[0])
+    vectors = residuals = None
+    residuals = torch.full((k,), float("nan"), dtype=torch.float64)
+    if return_eigenvectors or compute_residuals:
+        Sk = torch.from_numpy(S[:, sel]).to(state.Q.device)
+        vectors = (state.Q[0, :m].T.double() @ Sk).to("cpu")  # (n, k)
+        if compute_residuals:
+            AV = op.matmat(vectors.to(device=op.device, dtype=op.dtype)).double().cpu()
+            residuals = (AV - vectors * torch.from_numpy(theta[sel])).norm(dim=0)
+    num_matvecs = m + (k if compute_residuals else 0)
+    return EigenResult(
+        eigenvalues=torch.from_numpy(theta[sel].copy()),
+        eigenvectors=vectors if return_eigenvectors else None,
+        residuals=residuals,
+        converged=torch.from_numpy(est[sel] <= tol * scale),
+        num_matvecs=num_matvecs,
+        num_steps=m,
+        which=which,
+        restarts=state.restarts,
+    )
+
+
+def eigh_exact(op: LinearOperator, max_size: int = 4096, return_eigenvectors: bool = True) -> EigenResult:
+    """All eigenpairs of a small operator from its dense float64 matrix.
+
+    Args:
+        op: (n, n) operator with n ≤ max_size (it is materialised with n products).
+        max_size: refuse larger operators (use :func:`lanczos` for the extremes or
+            :func:`spectral_density` for the density).
+
+    Returns:
+        EigenResult with the n eigenvalues in descending order ("which" = "all").
+    """
+    require(op.shape[0] <= max_size,
+            f"eigh_exact: n = {op.shape[0]} exceeds max_size = {max_size}; raise max_size if memory allows "
+            "(n^2 float64), or use hl.lanczos / hl.spectral_density")
+    D = op.to_dense(max_size=max_size).to(torch.float64).cpu()
+    D = (D + D.T) / 2
+    if return_eigenvectors:
+        lam, U = torch.linalg.eigh(D)
+        lam, U = lam.flip(0), U.flip(1)
+        residuals = (D @ U - U * lam).norm(dim=0)
+    else:
+        lam, U = torch.linalg.eigvalsh(D).flip(0), None
+        residuals = torch.zeros_like(lam)
+    n = lam.shape[0]
+    return EigenResult(lam, U, residuals, torch.ones(n, dtype=torch.bool), n, n, "all")

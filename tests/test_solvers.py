@@ -1,0 +1,240 @@
+"""Solvers against dense float64 Hessians (numpy eigh) and by their defining properties."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from hesslab.errors import HesslabError
+from hesslab.linops import DenseOperator, Hessian
+from hesslab.solvers import EigenResult, SpectralDensity, TraceEstimate, eigh_exact, lanczos, spectral_density, trace
+from hesslab.solvers import _krylov
+from tests import models
+
+CE = nn.CrossEntropyLoss()
+
+
+def _problems():
+    """(name, operator, dense Hessian) for an MLP, a CNN, and both with BatchNorm in eval mode."""
+    out = []
+    for name, model, data in [
+        ("mlp", models.mlp(hidden=(8, 6), seed=1), models.classification_data(40, 4, 3, seed=1)),
+        ("mlp_bn", models.mlp(hidden=(8, 6), batchnorm=True, seed=2), models.classification_data(40, 4, 3, seed=2)),
+        ("cnn", models.cnn(seed=3), models.image_data(30, seed=3)),
+        ("cnn_bn", models.cnn(batchnorm=True, seed=4), models.image_data(30, seed=4)),
+    ]:
+        H = Hessian(model, CE, data)
+        out.append((name, H, H.to_dense().numpy()))
+    return out
+
+
+PROBLEMS = _problems()
+
+
+@pytest.fixture(params=PROBLEMS, ids=[p[0] for p in PROBLEMS])
+def problem(request):
+    return request.param
+
+
+def test_lanczos_top10_and_bottom5_match_eigh(problem):
+    _, H, D = problem
+    exact = np.linalg.eigh(D)[0]
+    scale = np.abs(exact).max()
+    top = lanczos(H, k=10, which="LA", tol=1e-10)
+    np.testing.assert_allclose(top.eigenvalues.numpy(), exact[::-1][:10], rtol=0, atol=1e-8 * scale)
+    assert top.converged.all() and top.num_converged == 10
+    assert top.residuals.max() < 1e-6 * scale
+    V = top.eigenvectors.numpy()
+    np.testing.assert_allclose(V.T @ V, np.eye(10), atol=1e-8)
+    bottom = lanczos(H, k=5, which="SA", tol=1e-10)
+    np.testing.assert_allclose(bottom.eigenvalues.numpy(), exact[:5], rtol=0, atol=1e-8 * scale)
+    lm = lanczos(H, k=3, which="LM", tol=1e-10)
+    by_mag = exact[np.argsort(-np.abs(exact))][:3]
+    np.testing.assert_allclose(lm.eigenvalues.numpy(), by_mag, rtol=0, atol=1e-8 * scale)
+
+
+def test_lanczos_counts_products_and_finds_multiplicities():
+    lam = torch.tensor([5.0] * 4 + [3.0] * 3 + list(np.linspace(-1, 1, 40)), dtype=torch.float64)
+    U, _ = torch.linalg.qr(torch.randn(47, 47, dtype=torch.float64))
+    op = DenseOperator((U * lam) @ U.T)
+    r = lanczos(op, k=7, tol=1e-10)
+    np.testing.assert_allclose(r.eigenvalues.numpy(), [5] * 4 + [3] * 3, atol=1e-9)
+    assert op.num_matvecs == r.num_matvecs == r.num_steps + 7
+    # Three distinct eigenvalues: every Krylov space breaks down after three steps, and
+    # each copy of the top eigenvalue beyond the first is found after a restart.
+    op = DenseOperator(torch.diag(torch.tensor([1.0] * 10 + [2.0] * 10 + [4.0] * 5, dtype=torch.float64)))
+    r = lanczos(op, k=5, tol=1e-10)
+    np.testing.assert_allclose(r.eigenvalues.numpy(), [4.0] * 5, atol=1e-10)
+    assert r.restarts >= 4 and r.converged.all()
+
+
+def test_lanczos_warm_start_converges_faster(problem):
+    _, H, D = problem
+    cold = lanczos(H, k=5, tol=1e-8, check_every=1)
+    warm = lanczos(H, k=5, tol=1e-8, check_every=1, v0=cold.eigenvectors)
+    assert warm.num_steps < cold.num_steps
+    np.testing.assert_allclose(warm.eigenvalues.numpy(), cold.eigenvalues.numpy(), atol=1e-7 * abs(cold.eigenvalues[0].item()))
+
+
+def test_lanczos_float32_basis_keeps_float64_products():
+    _, H, D = PROBLEMS[0]
+    exact = np.linalg.eigh(D)[0][::-1][:5]
+    r = lanczos(H, k=5, basis_dtype=torch.float32, tol=1e-6)
+    np.testing.assert_allclose(r.eigenvalues.numpy(), exact, rtol=1e-6)
+
+
+def _probes(n: int, num_probes: int, seed: int) -> np.ndarray:
+    v = torch.randn(num_probes, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return (v / v.norm(dim=1, keepdim=True)).numpy()
+
+
+def test_slq_moments_match_quadratic_forms(problem):
+    _, H, D = problem
+    m, b = 6, 3
+    d = spectral_density(H, num_steps=m, num_probes=b, seed=7)
+    V = _probes(D.shape[0], b, 7)
+    scale = np.abs(np.linalg.eigvalsh(D)).max()
+    Dp = np.eye(D.shape[0])
+    for p in range(2 * m):
+        expected = np.einsum("bi,ij,bj->b", V, Dp, V)
+        np.testing.assert_allclose(d.moments(p), expected, rtol=1e-7, atol=1e-9 * scale**p)
+        Dp = Dp @ D
+    np.testing.assert_allclose(d.weights.sum(1), 1.0, atol=1e-12)
+    assert d.num_matvecs == m * b
+
+
+def test_slq_with_n_steps_gives_the_eigenvalues():
+    torch.manual_seed(5)
+    n = 30
+    lam = torch.linspace(-2, 10, n, dtype=torch.float64)
+    U, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64))
+    op = DenseOperator((U * lam) @ U.T)
+    d = spectral_density(op, num_steps=n, num_probes=2)
+    for i in range(2):
+        valid = d.valid()[i]
+        np.testing.assert_allclose(np.sort(d.nodes[i][valid]), lam.numpy(), atol=1e-10)
+
+
+def test_slq_stops_a_probe_at_breakdown_and_stays_exact():
+    lam = torch.tensor([1.0] * 10 + [2.0] * 10 + [4.0] * 5, dtype=torch.float64)
+    op = DenseOperator(torch.diag(lam))
+    d = spectral_density(op, num_steps=10, num_probes=3)
+    assert (d.num_steps == 3).all()
+    for i in range(3):
+        np.testing.assert_allclose(np.sort(d.nodes[i, :3]), [1, 2, 4], atol=1e-12)
+    assert np.isfinite(d.density).all()
+    np.testing.assert_allclose(d.density.sum() * (d.grid[1] - d.grid[0]), 1.0, rtol=1e-12)
+    assert d.num_matvecs < 3 * 10  # stopped probes cost nothing
+
+
+def test_slq_ghorbani_grid_and_kernel():
+    _, H, D = PROBLEMS[0]
+    d = spectral_density(H, num_steps=20, num_probes=4, preset="ghorbani")
+    lo = np.mean(d.nodes.min(axis=1)) - 0.01
+    hi = np.mean(d.nodes.max(axis=1)) + 0.01
+    assert len(d.grid) == 10000 and np.isclose(d.grid[0], lo) and np.isclose(d.grid[-1], hi)
+    assert np.isclose(d.sigma2, 1e-5 * max(1, hi - lo))
+    np.testing.assert_allclose(d.density.sum() * (d.grid[1] - d.grid[0]), 1.0, rtol=1e-12)
+    assert 0 <= d.negative_mass() <= 1
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "hutch++"])
+def test_trace_within_three_standard_errors(problem, method):
+    _, H, D = problem
+    t = trace(H, num_matvecs=60, method=method, seed=11)
+    assert t.num_matvecs == 60
+    assert abs(t.value - np.trace(D)) <= 3 * t.std_error + 1e-10
+
+
+def test_eigh_exact_matches_numpy(problem):
+    _, H, D = problem
+    e = eigh_exact(H)
+    np.testing.assert_allclose(e.eigenvalues.numpy(), np.linalg.eigh(D)[0][::-1], atol=1e-10)
+    assert e.residuals.max() < 1e-8
+
+
+class _Interrupting(DenseOperator):
+    def __init__(self, matrix, after):
+        super().__init__(matrix)
+        self.after = after
+
+    def _matmat(self, V):
+        if self.num_matvecs >= self.after:
+            raise KeyboardInterrupt
+        return super()._matmat(V)
+
+
+@pytest.mark.parametrize("solver", ["lanczos", "slq"])
+def test_checkpoint_resume_gives_the_identical_result(tmp_path, solver):
+    _, H, D = PROBLEMS[2]
+    A = torch.from_numpy(D)
+    run = {
+        "lanczos": lambda op, **kw: lanczos(op, k=6, tol=1e-10, **kw),
+        "slq": lambda op, **kw: spectral_density(op, num_steps=25, num_probes=3, **kw),
+    }[solver]
+    full = run(DenseOperator(A))
+    path = tmp_path / "state.pt"
+    with pytest.raises(KeyboardInterrupt):
+        run(_Interrupting(A, after=37), checkpoint=path, checkpoint_every=1000)
+    assert path.exists()
+    resumed = run(DenseOperator(A), checkpoint=path)
+    again = run(DenseOperator(A), checkpoint=path)  # resuming a finished run changes nothing
+    for other in (resumed, again):
+        for key, value in full.to_dict().items():
+            if key != "num_matvecs":
+                np.testing.assert_array_equal(np.asarray(value), np.asarray(other.to_dict()[key]), err_msg=key)
+    with pytest.raises(HesslabError, match="different arguments"):
+        spectral_density(DenseOperator(A), num_steps=24, num_probes=3, checkpoint=path)
+
+
+def test_memory_estimate_refuses_with_options(monkeypatch):
+    monkeypatch.setattr(_krylov, "_available_bytes", lambda device: 1000)
+    op = DenseOperator(torch.eye(50, dtype=torch.float64))
+    with pytest.raises(HesslabError, match="basis_dtype=torch.float32") as err:
+        spectral_density(op, num_steps=10, num_probes=4)
+    assert "fewer steps" in str(err.value) and "basis_device='cpu'" in str(err.value)
+
+
+def test_bad_arguments():
+    op = DenseOperator(torch.eye(10, dtype=torch.float64))
+    for kwargs, name in [({"k": 10}, "k must"), ({"k": 0}, "k must"), ({"k": 2, "which": "XX"}, "which"),
+                         ({"k": 3, "max_steps": 2}, "max_steps"), ({"k": 2, "v0": torch.ones(9)}, "v0")]:
+        with pytest.raises(HesslabError, match=name):
+            lanczos(op, **kwargs)
+    with pytest.raises(HesslabError, match="num_steps"):
+        spectral_density(op, num_steps=11)
+    with pytest.raises(HesslabError, match="num_probes"):
+        spectral_density(op, num_steps=5, num_probes=0)
+    with pytest.raises(HesslabError, match="method"):
+        trace(op, 10, method="exact")
+    with pytest.raises(HesslabError, match="num_matvecs"):
+        trace(op, 2, method="hutch++")
+    with pytest.raises(HesslabError, match="max_size"):
+        eigh_exact(op, max_size=5)
+
+
+def test_results_save_and_load(tmp_path):
+    _, H, D = PROBLEMS[0]
+    for result in [lanczos(H, k=3), spectral_density(H, num_steps=5, num_probes=2, grid_size=50), trace(H, 9)]:
+        for suffix in (".json", ".npz"):
+            path = result.save(tmp_path / f"r{suffix}")
+            back = type(result).load(path)
+            for key, value in result.to_dict().items():
+                got = back.to_dict()[key]
+                if value is None:
+                    assert got is None
+                else:
+                    np.testing.assert_array_equal(np.asarray(value), np.asarray(got), err_msg=key)
+    assert isinstance(back, TraceEstimate)
+
+
+def test_density_plot_has_log_axis():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    d = spectral_density(PROBLEMS[0][1], num_steps=10, num_probes=2, grid_size=200)
+    ax = d.plot(label="mlp")
+    assert ax.get_yscale() == "log" and ax.get_xlabel() and len(ax.lines) == 1
+    assert isinstance(d, SpectralDensity) and isinstance(lanczos(PROBLEMS[0][1], k=2), EigenResult)
