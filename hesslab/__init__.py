@@ -16,10 +16,24 @@ from __future__ import annotations
 
 from ._build import build_info
 from ._version import __version__
-from .analysis import LinearRankPrediction, PowerLawFit, RankResult, linear_network_rank, numerical_rank, power_law_fit
+from .analysis import (
+    ConcentrationResult,
+    LinearRankPrediction,
+    OutlierResult,
+    PowerLawFit,
+    RankReport,
+    RankResult,
+    gradient_concentration,
+    linear_network_rank,
+    numerical_rank,
+    outliers,
+    power_law_fit,
+    rank_report,
+)
 from .errors import HesslabError
 from .linops import GGN, DenseOperator, Hessian, LinearOperator
 from .solvers import EigenResult, SpectralDensity, TraceEstimate, eigh_exact, lanczos, spectral_density, trace
+from .tracking import SpectrumTracker, TrackingHistory
 
 __all__ = [
     "__version__", "build_info", "HesslabError",
@@ -29,4 +43,7 @@ __all__ = [
     "lanczos", "eigh_exact", "spectral_density", "trace", "EigenResult", "SpectralDensity", "TraceEstimate",
     # analyses
     "power_law_fit", "PowerLawFit", "numerical_rank", "RankResult", "linear_network_rank", "LinearRankPrediction",
+    "rank_report", "RankReport", "gradient_concentration", "ConcentrationResult", "outliers", "OutlierResult",
+    # through training
+    "SpectrumTracker", "TrackingHistory",
 ]
