@@ -7,6 +7,8 @@
 // torch.ops.hesslab.*, wrapped by hesslab/_ops.py.
 //
 // Conventions shared by every op (see the docstrings in hesslab/_ops.py):
+//   * Every backend's kernel must have the same C++ signature (const at::Tensor& for every
+//     tensor, at::TensorList for Tensor[]): the dispatcher aborts at load time otherwise.
 //   * Lanczos bases Q are (b, m, n): b independent runs, m rows each, n-vectors; the
 //     storage dtype is float32 or float64, inner products accumulate in float64.
 //   * Kronecker layers use PyTorch's row-major vec: for V of shape (out, in),
@@ -24,7 +26,7 @@ PyObject* PyInit__C(void) {
 TORCH_LIBRARY(hesslab, m) {
   // One Lanczos step for b runs: alpha = <w, q_j>; w -= alpha q_j + beta_prev q_{j-1};
   // CGS2 against q_0..q_j (alpha absorbs the q_j corrections); beta = ||w||;
-  // Q[:, j+1] = w / beta when j + 1 < m. breakdown[i] is true when beta <= tol * ||w_in||,
+  // Q[:, j+1] = w / beta when j + 1 < m. breakdown[i]: beta <= tol * (||w_in|| + |beta_prev|),
   // and then Q[i, j+1] is written as zeros (never NaN) for the driver to replace.
   m.def(
       "lanczos_step_(Tensor(a!) Q, Tensor(b!) w, Tensor beta_prev, int j, float tol) -> "

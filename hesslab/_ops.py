@@ -114,8 +114,9 @@ def lanczos_step_(Q: Tensor, w: Tensor, beta_prev: Tensor, j: int, tol: float = 
         w: (b, n) on entry A q_j; on exit the residual beta · q_{j+1}.
         beta_prev: (b,) float64, the previous beta (ignored when j = 0).
         j: the current row, 0 ≤ j < m.
-        tol: breakdown when beta ≤ tol · ‖w_in‖; Q[i, j+1] is then zeros (never NaN) and the
-            driver restarts that run with a fresh orthogonal vector.
+        tol: breakdown when beta ≤ tol · (‖w_in‖ + |beta_prev|), i.e. when reorthogonalization
+            removed all but a tol share of what entered the step; Q[i, j+1] is then zeros
+            (never NaN) and the driver restarts that run with a fresh orthogonal vector.
 
     Returns:
         alpha (b,) float64, beta (b,) float64, breakdown (b,) bool, on Q's device.
@@ -165,7 +166,8 @@ def kron_eig_apply(
     """Apply f(B_l ⊗ A_l) blockwise through the factors' eigenbases.
 
     Block l of the result is U_B (F ∘ (U_Bᵀ V_l U_A)) U_Aᵀ with F[r, s] = f(λ_B[r] λ_A[s]),
-    f(x) = (x + damping)^power where x ≥ thresholds[l] and 0 elsewhere. power = −1 with
+    f(x) = (x + damping)^power where x ≥ thresholds[l] (x rounded to V's dtype, as
+    :func:`kron_topk` reports it) and 0 elsewhere. power = −1 with
     damping > 0 gives the damped inverse; power = 0 with thresholds at the k-th largest
     product (see :func:`kron_topk`) the projection onto the top-k eigenspace.
 

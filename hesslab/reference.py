@@ -39,7 +39,8 @@ def lanczos_step(
     """One Lanczos step for b runs, mutating ``Q[:, j+1]`` and ``w``.
 
     alpha = <w, q_j>; w -= alpha q_j + beta_prev q_{j-1}; CGS2 against q_0..q_j (alpha
-    absorbs the q_j coefficients); beta = ||w||; breakdown = beta <= tol ||w_in||;
+    absorbs the q_j coefficients); beta = ||w||; breakdown = beta <= tol (||w_in|| + |beta_prev|)
+    (the scale of the terms that were subtracted, so that w_in = 0 is a breakdown too);
     Q[:, j+1] = w / beta, or zeros on breakdown, when j + 1 < m.
 
     Returns:
@@ -48,7 +49,7 @@ def lanczos_step(
     x = _acc(w, accumulate)
     qj = _acc(Q[:, j], accumulate)
     a0 = (x * qj).sum(1)
-    nw = x.norm(dim=1).to(torch.float64)
+    scale = x.norm(dim=1).to(torch.float64) + (beta_prev.abs() if j > 0 else 0.0)
     x = x - a0.unsqueeze(1) * qj
     if j > 0:
         x = x - beta_prev.to(x.dtype).unsqueeze(1) * _acc(Q[:, j - 1], accumulate)
@@ -57,7 +58,7 @@ def lanczos_step(
     x = _acc(w, accumulate)
     alpha = a0.to(torch.float64) + coeff[:, j]
     beta = x.norm(dim=1).to(torch.float64)
-    breakdown = beta <= tol * nw
+    breakdown = beta <= tol * scale
     if j + 1 < Q.shape[1]:
         scale = torch.where(breakdown, torch.zeros_like(beta), 1.0 / torch.where(breakdown, 1.0, beta))
         Q[:, j + 1] = (x * scale.to(x.dtype).unsqueeze(1)).to(Q.dtype)
@@ -92,7 +93,8 @@ def kron_eig_apply(
     outs = []
     for l, V_l in enumerate(_layers(V, shapes)):
         x = torch.outer(lamB[l].double(), lamA[l].double())
-        f = torch.where(x >= thresholds[l], (x + damping).pow(power), torch.zeros_like(x))
+        keep = x.to(V.dtype).double() >= thresholds[l]  # the cut sees products as kron_topk reports them
+        f = torch.where(keep, (x + damping).pow(power), torch.zeros_like(x))
         X = UB[l].T @ V_l @ UA[l]
         outs.append((UB[l] @ (X * f.to(V.dtype)) @ UA[l].T).flatten(1))
     return torch.cat(outs, dim=1) if outs else V.clone()

@@ -7,7 +7,8 @@
 // the cores): T = V_l A^T as one (b*out, in) x (in, in) product, then B T broadcast over
 // the batch. kron_eig_apply rotates into the factors' eigenbases, scales each entry
 // (r, s) by f(lamB[r] lamA[s]) with f(x) = (x + damping)^power where x >= threshold_l and
-// 0 elsewhere (computed in double), and rotates back.
+// 0 elsewhere (f in double; the cut compares x rounded to the storage dtype, the value
+// kron_topk reports), and rotates back.
 //
 // kron_topk: the k largest products lamB[i] lamA[j] without forming all p*q of them. Each
 // row i, walked along lamA in descending order when lamB[i] >= 0 and ascending otherwise,
@@ -63,7 +64,12 @@ at::Tensor kron_eig_apply_cpu(at::TensorList UA, at::TensorList lamA, at::Tensor
     at::Tensor x = at::outer(lamB[l].to(at::kDouble), lamA[l].to(at::kDouble));
     const double t = thr.data_ptr<double>()[l];
     double* px = x.data_ptr<double>();
-    for (int64_t e = 0; e < o * i; ++e) px[e] = px[e] >= t ? std::pow(px[e] + damping, power) : 0.0;
+    AT_DISPATCH_FLOATING_TYPES(V.scalar_type(), "kron_eig_apply_cpu", [&] {
+      // The cut compares the product rounded to the storage dtype, as kron_topk reports it,
+      // so a threshold taken from kron_topk keeps exactly the products it listed.
+      for (int64_t e = 0; e < o * i; ++e)
+        px[e] = static_cast<double>(static_cast<scalar_t>(px[e])) >= t ? std::pow(px[e] + damping, power) : 0.0;
+    });
     at::Tensor X = at::matmul(at::matmul(UB[l].t(), layer_view(Vc, off, l, o, i)), UA[l]);
     X.mul_(x.to(V.scalar_type()));
     layer_view(out, off, l, o, i).copy_(at::matmul(at::matmul(UB[l], X), UA[l].t()));

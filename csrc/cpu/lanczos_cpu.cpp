@@ -1,20 +1,25 @@
 // CPU kernels of the Lanczos family: lanczos_step_ and reorthogonalize_.
 //
 // Algorithm (both ops): classical Gram–Schmidt applied twice (CGS2) of w against rows of
-// the Krylov basis Q, for b independent runs at once. Each pass is two sweeps over the
-// rows involved: (1) c[i, r] = <Q[i, r], w[i]> for every row r, (2) w[i] -= sum_r c[i, r]
-// Q[i, r]. lanczos_step_ adds the three-term recurrence before and the normalisation after
-// (see csrc/hesslab.cpp for the exact contract).
+// the Krylov basis Q, for b independent runs at once, in three sweeps over the rows:
+//   (1) d = Q w                      (and ||w||^2)
+//   (2) w -= Q^T d, then c = Q w     (fused per tile, while the tile of Q is in cache)
+//   (3) w -= Q^T c                   (and ||w||^2)
+// lanczos_step_ runs them against rows 0..j of w = A q_j. The three-term recurrence
+// w -= alpha q_j + beta_prev q_{j-1} is the part of sweep (2) along rows j and j-1:
+// d_j = <w, q_j> is alpha's first term and d_{j-1} equals beta_prev up to rounding, so
+// subtracting Q^T d does the recurrence and the first reorthogonalization in one pass
+// (identical in exact arithmetic to the contract in csrc/hesslab.cpp). alpha = d_j + c_j;
+// beta = ||w||; Q[:, j+1] = w / beta. Three sweeps over Q instead of four.
 //
 // Layout: Q is (b, m, n) contiguous, w is (b, n) contiguous, storage float or double.
 // Every inner product and every correction sum_r c_r q_r is accumulated in double,
 // whatever the storage type: this is the accuracy edge over a float32 GEMM.
 //
-// Parallel mapping: a run's n entries are cut into a fixed number of segments
-// (independent of the thread count, so results are bitwise reproducible across thread
-// counts); at::parallel_for spreads the b x segments tasks over the threads. Sweep (1)
-// keeps a per-task accumulator per row and sums the segments afterwards in a fixed order;
-// sweep (2) needs no reduction.
+// Parallel mapping: a run's n entries are cut into fixed segments (independent of the
+// thread count, so results are bitwise reproducible across thread counts); at::parallel_for
+// spreads the b x segments tasks over the threads. Each task keeps its own partial sums,
+// added up afterwards in a fixed order.
 //
 // Reference: hesslab/reference.py (lanczos_step, reorthogonalize) with float64
 // accumulation must agree to rounding.
@@ -34,8 +39,8 @@
 namespace hesslab {
 namespace {
 
-constexpr int64_t kSegment = 1 << 16;  // entries of one run per dot-product task
-constexpr int64_t kTile = 1024;        // entries kept in L1 while sweeping the rows
+constexpr int64_t kSegment = 1 << 14;  // entries of one run per task
+constexpr int64_t kTile = 512;         // entries of every row kept in cache between update and dots
 constexpr int kLanes = 8;              // independent accumulators, so the compiler vectorises
 
 // sum_x a[x] * b[x] in double, with kLanes partial sums.
@@ -51,92 +56,72 @@ inline double dot_double(const T* a, const T* b, int64_t len) {
   return s;
 }
 
-// out[i * rows + r] = <rows_ptr[i * run_stride + r * n : +n], w[i * n : +n]> for i < b, r < rows.
+// One sweep over rows [0, rows) of every run, tile by tile. For run i and each tile:
+//   if sub:   w[i] -= sum_r sub[i, r] Q[i, r]   (the sum formed in double)
+//   if dots:  dots[i, r] += <Q[i, r], w[i]>     (after the update)
+//   if norm2: norm2[i] += <w[i], w[i]>          (after the update)
+// Q rows are read once; the outputs are overwritten.
 template <typename T>
-void multi_dot(const T* rows_ptr, int64_t run_stride, int64_t rows, const T* w, int64_t b, int64_t n,
-               double* out) {
-  if (rows == 0 || b == 0) return;
+void sweep(const T* Q, int64_t m, int64_t rows, T* w, int64_t b, int64_t n, const double* sub, double* dots,
+           double* norm2) {
+  if (b == 0) return;
   const int64_t segs = std::max<int64_t>(1, (n + kSegment - 1) / kSegment);
-  std::vector<double> partial(static_cast<size_t>(b * segs * rows), 0.0);
+  const int64_t width = rows + 1;  // per task: the row dots, then the norm
+  std::vector<double> partial(static_cast<size_t>(b * segs * width), 0.0);
   at::parallel_for(0, b * segs, 1, [&](int64_t begin, int64_t end) {
+    double tmp[kTile];
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t i = task / segs, s = task % segs;
-      const int64_t x0 = s * kSegment, x1 = std::min(n, x0 + kSegment);
-      double* acc = partial.data() + task * rows;
-      const T* wi = w + i * n;
-      const T* qi = rows_ptr + i * run_stride;
+      const int64_t i = task / segs, x0 = (task % segs) * kSegment, x1 = std::min(n, x0 + kSegment);
+      double* acc = partial.data() + task * width;
+      const T* qi = Q + i * m * n;
+      T* wi = w + i * n;
       for (int64_t t = x0; t < x1; t += kTile) {
         const int64_t len = std::min(kTile, x1 - t);
-        for (int64_t r = 0; r < rows; ++r) acc[r] += dot_double(qi + r * n + t, wi + t, len);
+        if (sub != nullptr && rows > 0) {
+          std::fill(tmp, tmp + len, 0.0);
+          for (int64_t r = 0; r < rows; ++r) {
+            const double cr = sub[i * rows + r];
+            const T* q = qi + r * n + t;
+            for (int64_t x = 0; x < len; ++x) tmp[x] += cr * static_cast<double>(q[x]);
+          }
+          for (int64_t x = 0; x < len; ++x) wi[t + x] = static_cast<T>(static_cast<double>(wi[t + x]) - tmp[x]);
+        }
+        if (dots != nullptr)
+          for (int64_t r = 0; r < rows; ++r) acc[r] += dot_double(qi + r * n + t, wi + t, len);
+        if (norm2 != nullptr) acc[rows] += dot_double(wi + t, wi + t, len);
       }
     }
   });
   for (int64_t i = 0; i < b; ++i)
-    for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t r = 0; r < width; ++r) {
       double s = 0;
-      for (int64_t seg = 0; seg < segs; ++seg) s += partial[(i * segs + seg) * rows + r];
-      out[i * rows + r] = s;
+      for (int64_t seg = 0; seg < segs; ++seg) s += partial[(i * segs + seg) * width + r];
+      if (r < rows && dots != nullptr) dots[i * rows + r] = s;
+      if (r == rows && norm2 != nullptr) norm2[i] = s;
     }
 }
 
-// w[i] -= sum_r c[i * rows + r] * rows_ptr[i * run_stride + r * n], the sum formed in double.
+// CGS2 of w against rows [0, rows): coeff (b, rows) gets both passes' coefficients summed;
+// norm2_in / norm2_out (b,) get ||w||^2 before and after, when not null.
 template <typename T>
-void multi_axpy(const T* rows_ptr, int64_t run_stride, int64_t rows, const double* c, T* w, int64_t b,
-                int64_t n) {
-  if (rows == 0 || b == 0 || n == 0) return;
-  const int64_t tiles = (n + kTile - 1) / kTile;
-  at::parallel_for(0, b * tiles, 16, [&](int64_t begin, int64_t end) {
-    double tmp[kTile];
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t i = task / tiles, t = (task % tiles) * kTile;
-      const int64_t len = std::min(kTile, n - t);
-      std::fill(tmp, tmp + len, 0.0);
-      const T* qi = rows_ptr + i * run_stride + t;
-      for (int64_t r = 0; r < rows; ++r) {
-        const double cr = c[i * rows + r];
-        const T* q = qi + r * n;
-        for (int64_t x = 0; x < len; ++x) tmp[x] += cr * static_cast<double>(q[x]);
-      }
-      T* wi = w + i * n + t;
-      for (int64_t x = 0; x < len; ++x) wi[x] = static_cast<T>(static_cast<double>(wi[x]) - tmp[x]);
-    }
-  });
-}
-
-// Two classical Gram–Schmidt passes of w against rows [0, rows) of Q; coeff (b, rows) gets
-// the sum of both passes' coefficients.
-template <typename T>
-void cgs2(const T* Q, int64_t m, int64_t rows, T* w, int64_t b, int64_t n, double* coeff) {
-  std::vector<double> c(static_cast<size_t>(b * rows));
-  std::fill(coeff, coeff + b * rows, 0.0);
-  for (int pass = 0; pass < 2; ++pass) {
-    multi_dot(Q, m * n, rows, w, b, n, c.data());
-    multi_axpy(Q, m * n, rows, c.data(), w, b, n);
-    for (int64_t k = 0; k < b * rows; ++k) coeff[k] += c[k];
-  }
+void cgs2(const T* Q, int64_t m, int64_t rows, T* w, int64_t b, int64_t n, double* coeff, double* norm2_in,
+          double* norm2_out) {
+  std::vector<double> d(static_cast<size_t>(b * rows)), c(static_cast<size_t>(b * rows));
+  sweep(Q, m, rows, w, b, n, nullptr, d.data(), norm2_in);
+  sweep(Q, m, rows, w, b, n, d.data(), c.data(), nullptr);
+  sweep(Q, m, rows, w, b, n, c.data(), nullptr, norm2_out);
+  for (int64_t k = 0; k < b * rows; ++k) coeff[k] = d[k] + c[k];
 }
 
 template <typename T>
 void lanczos_step_kernel(T* Q, T* w, const double* beta_prev, int64_t b, int64_t m, int64_t n, int64_t j,
                          double tol, double* alpha, double* beta, bool* breakdown) {
-  std::vector<double> a0(b), nw2(b), coeff(static_cast<size_t>(b * (j + 1)));
-  multi_dot(Q + j * n, m * n, 1, w, b, n, a0.data());
-  multi_dot(w, n, 1, w, b, n, nw2.data());
-  // Three-term recurrence: w -= a0 q_j + beta_prev q_{j-1}, one sweep over rows (j-1, j).
-  const int64_t first = j > 0 ? j - 1 : j, rows = j - first + 1;
-  std::vector<double> c3(static_cast<size_t>(b * rows));
+  std::vector<double> coeff(static_cast<size_t>(b * (j + 1))), nw2(b), bw2(b);
+  cgs2(Q, m, j + 1, w, b, n, coeff.data(), nw2.data(), bw2.data());
   for (int64_t i = 0; i < b; ++i) {
-    if (j > 0) c3[i * rows] = beta_prev[i];
-    c3[i * rows + rows - 1] = a0[i];
-  }
-  multi_axpy(Q + first * n, m * n, rows, c3.data(), w, b, n);
-  cgs2(Q, m, j + 1, w, b, n, coeff.data());
-  std::vector<double> bw2(b);
-  multi_dot(w, n, 1, w, b, n, bw2.data());
-  for (int64_t i = 0; i < b; ++i) {
-    alpha[i] = a0[i] + coeff[i * (j + 1) + j];
+    alpha[i] = coeff[i * (j + 1) + j];
     beta[i] = std::sqrt(bw2[i]);
-    breakdown[i] = beta[i] <= tol * std::sqrt(nw2[i]);
+    breakdown[i] = beta[i] <= tol * (std::sqrt(nw2[i]) + (j > 0 ? std::abs(beta_prev[i]) : 0.0));
   }
   if (j + 1 >= m) return;
   at::parallel_for(0, b, 1, [&](int64_t begin, int64_t end) {
@@ -188,7 +173,8 @@ at::Tensor reorthogonalize_cpu(const at::Tensor& Q, const at::Tensor& w, int64_t
   at::Tensor coeff = at::zeros({b, j}, at::TensorOptions().dtype(at::kDouble));
   with_contiguous(Q, w, false, [&](at::Tensor& Qc, at::Tensor& wc) {
     AT_DISPATCH_FLOATING_TYPES(Q.scalar_type(), "reorthogonalize_cpu", [&] {
-      cgs2<scalar_t>(Qc.data_ptr<scalar_t>(), m, j, wc.data_ptr<scalar_t>(), b, n, coeff.data_ptr<double>());
+      cgs2<scalar_t>(Qc.data_ptr<scalar_t>(), m, j, wc.data_ptr<scalar_t>(), b, n, coeff.data_ptr<double>(), nullptr,
+                     nullptr);
     });
   });
   return coeff;

@@ -1,0 +1,54 @@
+// Raw-pointer CUDA launchers of the Kronecker ops (kron_matmul, kron_eig_apply, kron_topk).
+//
+// Plain C++ declarations, no torch: kron_cuda.cpp (the torch adapter) calls them with
+// contiguous device pointers; kron_kernels.cu defines them for T = float and double.
+// Every launcher only enqueues work on `stream` (no host synchronisation) and returns
+// the first CUDA error met while enqueueing, or cudaSuccess.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace hesslab {
+namespace cuda {
+
+// One Kronecker layer: device pointers to row-major, contiguous factors (host struct).
+// Layer l's block of a flat (b, N) vector is columns [offset, offset + out*in) of every
+// row, read as an (out, in) row-major matrix.
+template <typename T>
+struct KronLayer {
+  const T* left;       // (out, out): B_l (kron_matmul) or U_B (kron_eig_apply)
+  const T* right;      // (in, in):   A_l (kron_matmul) or U_A (kron_eig_apply)
+  const T* lam_left;   // (out,): lamB_l, kron_eig_apply only (nullptr for kron_matmul)
+  const T* lam_right;  // (in,):  lamA_l, kron_eig_apply only (nullptr for kron_matmul)
+  int64_t out;
+  int64_t in;
+  int64_t offset;
+};
+
+// out_l = B_l V_l A_l^T for every layer and batch row. V, out: (b, N) row-major;
+// workspace: b*N elements of T. `layers` is a host array of num_layers entries.
+template <typename T>
+cudaError_t kron_matmul_cuda(const KronLayer<T>* layers, int64_t num_layers, const T* V,
+                             int64_t b, int64_t N, T* out, T* workspace, cudaStream_t stream);
+
+// out_l = U_B (F_l * (U_B^T V_l U_A)) U_A^T with F_l[r, s] = f(lamB_l[r] * lamA_l[s]),
+// f(x) = (x + damping)^power if x >= thresholds[l] else 0. thresholds: (num_layers,)
+// float64 on the device; workspace: b*N elements of T.
+template <typename T>
+cudaError_t kron_eig_apply_cuda(const KronLayer<T>* layers, int64_t num_layers, const T* V,
+                                int64_t b, int64_t N, double power, double damping,
+                                const double* thresholds, T* out, T* workspace,
+                                cudaStream_t stream);
+
+// The k largest products lamB[i] * lamA[j] in descending order with their (i, j).
+// lamA_ascending: (q,) indices sorting lamA ascending (argsort). values, idx_B, idx_A:
+// (k,); workspace: 2*p int64. Meant for small p, q (one layer's eigenvalue counts).
+template <typename T>
+cudaError_t kron_topk_cuda(const T* lamB, const T* lamA, const int64_t* lamA_ascending, int64_t p,
+                           int64_t q, int64_t k, T* values, int64_t* idx_B, int64_t* idx_A,
+                           int64_t* workspace, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace hesslab

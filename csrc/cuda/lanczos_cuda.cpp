@@ -1,0 +1,116 @@
+// CUDA backend of lanczos_step_ and reorthogonalize_: the torch adapter.
+//
+// Checks the arguments (common/checks.h plus "is a CUDA tensor"), makes the inputs
+// contiguous (Q and w are mutated in place: a non-contiguous one is computed on a
+// contiguous copy and copied back), allocates outputs and the float64 workspace on Q's
+// device and calls the raw-pointer launchers of lanczos_kernels.cu on the current stream.
+// Nothing here synchronises the host.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "common/checks.h"
+#include "lanczos_kernels.h"
+
+namespace {
+
+template <typename T>
+cudaError_t launch_lanczos_step(const at::Tensor& Q, const at::Tensor& w,
+                                const at::Tensor& beta_prev, int64_t j, double tol,
+                                const at::Tensor& alpha, const at::Tensor& beta,
+                                const at::Tensor& breakdown, const at::Tensor& workspace,
+                                cudaStream_t stream) {
+  return hesslab::cuda::lanczos_step_cuda<T>(
+      Q.mutable_data_ptr<T>(), w.mutable_data_ptr<T>(), beta_prev.const_data_ptr<double>(),
+      Q.size(0), Q.size(1), Q.size(2), j, tol, alpha.mutable_data_ptr<double>(),
+      beta.mutable_data_ptr<double>(), breakdown.mutable_data_ptr<bool>(),
+      workspace.mutable_data_ptr<double>(), stream);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lanczos_step_op(const at::Tensor& Q,
+                                                               const at::Tensor& w,
+                                                               const at::Tensor& beta_prev,
+                                                               int64_t j, double tol) {
+  hesslab::check_lanczos_step(Q, w, beta_prev, j);
+  TORCH_CHECK_VALUE(Q.is_cuda(), "hesslab.lanczos_step_: argument 'Q' must be a CUDA tensor, got ",
+                    Q.device());
+  const c10::cuda::CUDAGuard guard(Q.device());
+  const int64_t b = Q.size(0);
+  const auto f64 = Q.options().dtype(at::kDouble);
+  at::Tensor alpha = at::empty({b}, f64);
+  at::Tensor beta = at::empty({b}, f64);
+  at::Tensor breakdown = at::empty({b}, Q.options().dtype(at::kBool));
+  if (b == 0) {
+    return {alpha, beta, breakdown};
+  }
+  const at::Tensor Qc = Q.contiguous();
+  const at::Tensor wc = w.contiguous();
+  const at::Tensor beta_prev_c = beta_prev.contiguous();
+  const at::Tensor workspace =
+      at::empty({hesslab::cuda::lanczos_step_workspace_size(b, j)}, f64);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cudaError_t err =
+      Q.scalar_type() == at::kDouble
+          ? launch_lanczos_step<double>(Qc, wc, beta_prev_c, j, tol, alpha, beta, breakdown,
+                                        workspace, stream)
+          : launch_lanczos_step<float>(Qc, wc, beta_prev_c, j, tol, alpha, beta, breakdown,
+                                       workspace, stream);
+  TORCH_CHECK(err == cudaSuccess, "hesslab.lanczos_step_: CUDA kernel launch failed: ",
+              cudaGetErrorString(err));
+  if (!Qc.is_same(Q)) {
+    Q.copy_(Qc);
+  }
+  if (!wc.is_same(w)) {
+    w.copy_(wc);
+  }
+  return {alpha, beta, breakdown};
+}
+
+template <typename T>
+cudaError_t launch_reorthogonalize(const at::Tensor& Q, const at::Tensor& w, int64_t j,
+                                   const at::Tensor& coeffs, const at::Tensor& workspace,
+                                   cudaStream_t stream) {
+  return hesslab::cuda::reorthogonalize_cuda<T>(
+      Q.const_data_ptr<T>(), w.mutable_data_ptr<T>(), Q.size(0), Q.size(1), Q.size(2), j,
+      coeffs.mutable_data_ptr<double>(), workspace.mutable_data_ptr<double>(), stream);
+}
+
+at::Tensor reorthogonalize_op(const at::Tensor& Q, const at::Tensor& w, int64_t j) {
+  hesslab::check_reorthogonalize(Q, w, j);
+  TORCH_CHECK_VALUE(Q.is_cuda(),
+                    "hesslab.reorthogonalize_: argument 'Q' must be a CUDA tensor, got ",
+                    Q.device());
+  const c10::cuda::CUDAGuard guard(Q.device());
+  const int64_t b = Q.size(0);
+  const auto f64 = Q.options().dtype(at::kDouble);
+  at::Tensor coeffs = at::empty({b, j}, f64);
+  if (b == 0 || j == 0) {
+    return coeffs;
+  }
+  const at::Tensor Qc = Q.contiguous();
+  const at::Tensor wc = w.contiguous();
+  const at::Tensor workspace =
+      at::empty({hesslab::cuda::reorthogonalize_workspace_size(b, j)}, f64);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cudaError_t err =
+      Q.scalar_type() == at::kDouble
+          ? launch_reorthogonalize<double>(Qc, wc, j, coeffs, workspace, stream)
+          : launch_reorthogonalize<float>(Qc, wc, j, coeffs, workspace, stream);
+  TORCH_CHECK(err == cudaSuccess, "hesslab.reorthogonalize_: CUDA kernel launch failed: ",
+              cudaGetErrorString(err));
+  if (!wc.is_same(w)) {
+    w.copy_(wc);
+  }
+  return coeffs;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(hesslab, CUDA, m) {
+  m.impl("lanczos_step_", &lanczos_step_op);
+  m.impl("reorthogonalize_", &reorthogonalize_op);
+}

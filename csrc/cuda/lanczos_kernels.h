@@ -1,0 +1,39 @@
+// Raw-pointer CUDA launchers of the Lanczos ops (lanczos_step_, reorthogonalize_).
+//
+// Plain C++ declarations, no torch: lanczos_cuda.cpp (the torch adapter) calls them with
+// contiguous device pointers; lanczos_kernels.cu defines them for T = float and double.
+// Every launcher only enqueues work on `stream` (no host synchronisation) and returns
+// the first CUDA error met while enqueueing, or cudaSuccess.
+//
+// Layouts (row-major, contiguous): Q (b, m, n), row r of run i at Q + (i*m + r)*n;
+// w (b, n); per-run scalars (b,); coefficients (b, j) row-major.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace hesslab {
+namespace cuda {
+
+// Number of float64 elements of the `workspace` that lanczos_step_cuda needs.
+int64_t lanczos_step_workspace_size(int64_t b, int64_t j);
+
+// One Lanczos step for b runs (0 <= j < m): see lanczos_kernels.cu. Mutates Q (row j+1
+// when j + 1 < m) and w; writes alpha, beta (b,) float64 and breakdown (b,).
+template <typename T>
+cudaError_t lanczos_step_cuda(T* Q, T* w, const double* beta_prev, int64_t b, int64_t m,
+                              int64_t n, int64_t j, double tol, double* alpha, double* beta,
+                              bool* breakdown, double* workspace, cudaStream_t stream);
+
+// Number of float64 elements of the `workspace` that reorthogonalize_cuda needs.
+int64_t reorthogonalize_workspace_size(int64_t b, int64_t j);
+
+// CGS2 of w against rows 0..j-1 of Q (0 <= j <= m); coeffs (b, j) float64 receives the
+// sum of both passes' coefficients. j == 0 or b == 0 enqueues nothing.
+template <typename T>
+cudaError_t reorthogonalize_cuda(const T* Q, T* w, int64_t b, int64_t m, int64_t n, int64_t j,
+                                 double* coeffs, double* workspace, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace hesslab
