@@ -18,6 +18,10 @@ from ._build import build_info
 from ._version import __version__
 from .analysis import (
     ConcentrationResult,
+    OverlapCurve,
+    eigenspace_overlap,
+    eigenvector_low_rank,
+    overlap_curve,
     LinearRankPrediction,
     OutlierResult,
     PowerLawFit,
@@ -31,19 +35,20 @@ from .analysis import (
     rank_report,
 )
 from .errors import HesslabError
-from .linops import GGN, DenseOperator, Hessian, LinearOperator
+from .linops import GGN, KFAC, DenseOperator, Hessian, LinearOperator, layer_hessian
 from .solvers import EigenResult, SpectralDensity, TraceEstimate, eigh_exact, lanczos, spectral_density, trace
 from .tracking import SpectrumTracker, TrackingHistory
 
 __all__ = [
     "__version__", "build_info", "HesslabError",
     # operators
-    "LinearOperator", "DenseOperator", "Hessian", "GGN",
+    "LinearOperator", "DenseOperator", "Hessian", "GGN", "KFAC", "layer_hessian",
     # solvers
     "lanczos", "eigh_exact", "spectral_density", "trace", "EigenResult", "SpectralDensity", "TraceEstimate",
     # analyses
     "power_law_fit", "PowerLawFit", "numerical_rank", "RankResult", "linear_network_rank", "LinearRankPrediction",
     "rank_report", "RankReport", "gradient_concentration", "ConcentrationResult", "outliers", "OutlierResult",
+    "eigenspace_overlap", "overlap_curve", "OverlapCurve", "eigenvector_low_rank",
     # through training
     "SpectrumTracker", "TrackingHistory",
 ]

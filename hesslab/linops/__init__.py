@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from hesslab.linops._base import DenseOperator, LinearOperator
 from hesslab.linops._curvature import GGN, CurvatureOperator, Hessian
+from hesslab.linops._kfac import KFAC, KFACFunction, KronFactors, SampleTerms, layer_hessian
 from hesslab.linops._params import select_parameters
 
 __all__ = [
@@ -19,6 +20,12 @@ __all__ = [
     "CurvatureOperator",
     "Hessian",
     "GGN",
+    # Kronecker-factored layer blocks
+    "KFAC",
+    "KFACFunction",
+    "KronFactors",
+    "SampleTerms",
+    "layer_hessian",
     # parameter selection
     "select_parameters",
 ]
