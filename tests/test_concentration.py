@@ -38,13 +38,6 @@ from tests import models
 CE = nn.CrossEntropyLoss()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 # --------------------------------------------------------------------------------------
 # Dense references

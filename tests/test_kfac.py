@@ -38,14 +38,6 @@ MSE = nn.MSELoss()
 RTOL = 1e-12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP contention on a shared machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 # ----------------------------------------------------------------------------- oracles
 def exact_block(model: nn.Module, loss_fn, X: Tensor, y: Tensor, names: list[str]) -> Tensor:

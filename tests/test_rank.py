@@ -19,14 +19,6 @@ from hesslab.analysis.rank import LinearRankPrediction, RankResult, linear_netwo
 from hesslab.errors import HesslabError
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The Hessians here are tiny: intra-op threads only add overhead (10x CPU time)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 # --------------------------------------------------------------------------------------
 # Dense Hessians of deep linear networks

@@ -30,13 +30,6 @@ CE = nn.CrossEntropyLoss()
 MSE = nn.MSELoss()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _data(loss: str, n: int, d: int, k: int, seed: int):
     if loss == "mse":

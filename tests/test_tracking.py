@@ -39,13 +39,6 @@ SMALL = dict(k=4, density_options={"num_steps": 20, "num_probes": 2}, trace_opti
              outlier_options={"window": 4})
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def problem(seed: int = 0, **kwargs):
     model = models.mlp(hidden=(6,), seed=seed, **kwargs)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from hesslab._plotting import axes
 from hesslab._results import Result
 from hesslab.analysis.powerlaw import _as_float64_vector
 from hesslab.errors import HesslabError
@@ -92,10 +93,7 @@ class ConcentrationResult(Result):
         Returns:
             The matplotlib Axes drawn on.
         """
-        if ax is None:
-            import matplotlib.pyplot as plt
-
-            _, ax = plt.subplots(figsize=(6.0, 4.5))
+        ax = axes(ax, (6.0, 4.5))
         idx = np.arange(1, self.k + 1)
         ax.bar(idx, self.shares, color="C0", alpha=0.7, label="share of eigenvector i: (v_iᵀg)²/‖g‖²")
         ax.plot(idx, self.cumulative, "o-", color="C3", ms=4, label="cumulative: ‖V_iᵀg‖²/‖g‖²")

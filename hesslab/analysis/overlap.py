@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from hesslab._plotting import axes
 from hesslab._results import Result
 from hesslab.errors import HesslabError
 
@@ -145,10 +146,7 @@ class OverlapCurve(Result):
         Returns:
             The matplotlib Axes drawn on.
         """
-        if ax is None:
-            import matplotlib.pyplot as plt
-
-            _, ax = plt.subplots(figsize=(5.5, 4.0))
+        ax = axes(ax, (5.5, 4.0))
         kwargs.setdefault("marker", "o")
         kwargs.setdefault("ms", 3)
         ax.plot(self.ks, self.overlaps, label=self.label or "overlap", **kwargs)
@@ -325,10 +323,7 @@ class DominantEigenvalues(Result):
 
     def plot(self, ax: Axes | None = None) -> Axes:
         """The positive eigenvalues on a log scale, with the dominant ones highlighted."""
-        if ax is None:
-            import matplotlib.pyplot as plt
-
-            _, ax = plt.subplots(figsize=(5.5, 4.0))
+        ax = axes(ax, (5.5, 4.0))
         lam = np.maximum(self.eigenvalues, self.floor)
         idx = np.arange(1, lam.size + 1)
         ax.semilogy(idx, lam, "o", ms=3, color="C0", label="eigenvalues")

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from hesslab._plotting import axes
 from hesslab._results import Result
 from hesslab.errors import HesslabError
 
@@ -111,10 +112,7 @@ class PowerLawFit(Result):
         Returns:
             The matplotlib Axes drawn on.
         """
-        if ax is None:
-            import matplotlib.pyplot as plt
-
-            _, ax = plt.subplots(figsize=(6.0, 4.5))
+        ax = axes(ax, (6.0, 4.5))
         kk = np.arange(1, self.k + 1, dtype=np.float64)
         ax.loglog(kk, self.eigenvalues, "o", ms=3, alpha=0.7, color="C0", label=f"top K = {self.k} eigenvalues")
         verdict = "power law" if self.is_power_law else "not a power law"

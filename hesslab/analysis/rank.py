@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from hesslab._plotting import axes
 from hesslab._results import Result
 from hesslab.errors import HesslabError
 
@@ -83,10 +84,7 @@ class RankResult(Result):
         Returns:
             The matplotlib Axes drawn on.
         """
-        if ax is None:
-            import matplotlib.pyplot as plt
-
-            _, ax = plt.subplots(figsize=(6.0, 4.5))
+        ax = axes(ax, (6.0, 4.5))
         sv = self.singular_values
         idx = np.arange(1, sv.size + 1)
         floor = np.finfo(np.float64).tiny

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from hesslab._plotting import axes
 from hesslab._results import Result
 from hesslab.analysis.rank import linear_network_rank, numerical_rank
 from hesslab.errors import HesslabError
@@ -101,10 +102,7 @@ class RankReport(Result):
         Returns:
             The matplotlib Axes drawn on.
         """
-        if ax is None:
-            import matplotlib.pyplot as plt
-
-            _, ax = plt.subplots(figsize=(6.0, 4.5))
+        ax = axes(ax, (6.0, 4.5))
         x = np.arange(len(PARTS))
         width = 0.38
         has_pred = any(self.predicted.get(p) is not None for p in PARTS)

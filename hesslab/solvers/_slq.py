@@ -17,6 +17,7 @@ import scipy.linalg
 import torch
 from torch import Tensor
 
+from .._plotting import axes
 from .._results import Result
 from ..errors import require
 from ..linops import LinearOperator
@@ -62,10 +63,7 @@ class SpectralDensity(Result):
 
     def plot(self, ax=None, label: str | None = None, **kwargs):
         """The density on a log y-axis (density + 1e-7, as in Ghorbani et al.); returns the Axes."""
-        import matplotlib.pyplot as plt
-
-        if ax is None:
-            _, ax = plt.subplots(figsize=(6, 4))
+        ax = axes(ax, (6.0, 4.0))
         ax.semilogy(self.grid, np.asarray(self.density) + 1e-7, label=label, **kwargs)
         ax.set_xlabel("eigenvalue λ")
         ax.set_ylabel("density (log scale)")
