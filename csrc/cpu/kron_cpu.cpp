@@ -22,6 +22,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/matmul.h>
+#include <ATen/ops/mm.h>
 #include <ATen/ops/outer.h>
 #include <torch/library.h>
 
@@ -46,8 +47,9 @@ at::Tensor kron_matmul_cpu(at::TensorList A, at::TensorList B, const at::Tensor&
     const int64_t o = B[l].size(0), i = A[l].size(0);
     if (Vc.size(0) == 0 || o * i == 0) continue;
     at::Tensor Vl = layer_view(Vc, off, l, o, i);
-    at::Tensor T = at::matmul(Vl.reshape({-1, i}), A[l].t()).view({-1, o, i});
-    layer_view(out, off, l, o, i).copy_(at::matmul(B[l], T));
+    at::Tensor T = at::mm(Vl.reshape({-1, i}), A[l].t()).view({-1, o, i});
+    // One vector: two plain GEMMs (a broadcast matmul would take the slower batched path).
+    layer_view(out, off, l, o, i).copy_(Vc.size(0) == 1 ? at::mm(B[l], T[0]).unsqueeze(0) : at::matmul(B[l], T));
   }
   return out;
 }

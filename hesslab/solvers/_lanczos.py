@@ -83,7 +83,7 @@ def lanczos(
     compute_residuals: bool = True,
     basis_dtype: torch.dtype | None = None,
     basis_device: torch.device | str | None = None,
-    check_every: int = 5,
+    check_every: int | None = None,
     progress: bool | None = None,
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 10,
@@ -113,7 +113,8 @@ def lanczos(
         basis_dtype: storage of the Krylov basis; default the operator's dtype. float32
             halves the memory; inner products still accumulate in float64.
         basis_device: where the basis lives (default the operator's device).
-        check_every: steps between convergence checks.
+        check_every: steps between convergence checks (each costs an O(m²) tridiagonal
+            eigensolve); default max(5, k // 10).
         progress: progress bar; None shows it when stderr is a terminal.
         checkpoint: file to save the run's state to and resume from after an interruption.
         checkpoint_every: steps between checkpoint writes (an interruption always writes).
@@ -133,6 +134,7 @@ def lanczos(
     require(k <= max_steps <= n, f"max_steps must satisfy k = {k} <= max_steps <= n = {n}, got {max_steps}")
     basis_dtype = basis_dtype or op.dtype
     basis_device = torch.device(basis_device) if basis_device is not None else op.device
+    check_every = check_every or max(5, k // 10)
     gen = torch.Generator().manual_seed(seed)
     start = torch.randn(1, n, generator=gen, dtype=torch.float64)
     if v0 is not None:
