@@ -1,0 +1,21 @@
+"""Reports: plots (matplotlib, no pyplot state) and a self-contained HTML page.
+
+    from hesslab.report import Report, plots, load_results
+    rep = Report("My model")
+    sec = rep.section("Density", cite="Ghorbani et al., ICML 2019")
+    sec.figure("density", plots.density_panels({"model": [("trained", density)]}),
+               caption="The eigenvalue density on a log y-axis.")
+    rep.write("out/report.html", plots_dir="out/plots")
+
+``load_results(folder)`` reads every result of a ``hesslab demo``/``analyze`` run folder
+back into its dataclass.
+"""
+
+from __future__ import annotations
+
+from . import plots
+from ._html import Report, Section, fig_to_png
+from ._io import ResultStore, format_table, jsonable, load_results, result_types
+
+__all__ = ["Report", "Section", "fig_to_png", "plots", "ResultStore", "load_results", "result_types",
+           "format_table", "jsonable"]

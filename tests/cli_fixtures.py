@@ -1,0 +1,61 @@
+"""Model, loader and loss factories for ``hesslab analyze`` in tests/test_cli.py.
+
+``hesslab analyze --model tests.cli_fixtures:tiny_mlp --data tests.cli_fixtures:loader``
+loads these by name, as it loads a user's own factories.
+
+    tiny_mlp()            8 -> 6 -> 3 with ReLU, 75 parameters
+    other_mlp()           8 -> 5 -> 3: a state_dict of it does not fit tiny_mlp
+    loader()              a DataLoader of 48 samples in 3 batches (8 features, 3 classes)
+    single_batch()        the same data as one (inputs, targets) pair
+    wrong_shape_loader()  inputs with 5 features instead of 8
+    broken_factory()      raises
+    my_cross_entropy      a plain loss function (pkg.module:fn)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+NUM_SAMPLES = 48
+NUM_FEATURES = 8
+NUM_CLASSES = 3
+
+
+def tiny_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(NUM_FEATURES, 6), nn.ReLU(), nn.Linear(6, NUM_CLASSES))
+
+
+def other_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(NUM_FEATURES, 5), nn.ReLU(), nn.Linear(5, NUM_CLASSES))
+
+
+def _data(features: int = NUM_FEATURES) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    X = torch.randn(NUM_SAMPLES, features, generator=gen)
+    y = torch.randint(0, NUM_CLASSES, (NUM_SAMPLES,), generator=gen)
+    return X, y
+
+
+def loader() -> DataLoader:
+    return DataLoader(TensorDataset(*_data()), batch_size=16, shuffle=False)
+
+
+def single_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    return _data()
+
+
+def wrong_shape_loader() -> DataLoader:
+    return DataLoader(TensorDataset(*_data(features=5)), batch_size=16)
+
+
+def broken_factory() -> nn.Module:
+    raise RuntimeError("this factory is broken on purpose")
+
+
+def my_cross_entropy(output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(output, targets)
