@@ -9,7 +9,8 @@
 
 With no GPU visible and no ``TORCH_CUDA_ARCH_LIST``, the CUDA kernels are built for
 8.0, 9.0 and 9.0+PTX (A100, H100/H200, and JIT for newer parts). ``HESSLAB_DEBUG=1``
-builds with -O0 -g (and -lineinfo for CUDA). The outcome is recorded in
+builds with -O0 -g (and -lineinfo for CUDA). ``HESSLAB_NATIVE=0`` drops -march=native
+(on by default: the package compiles where it runs). The outcome is recorded in
 hesslab/_build_config.json, which ``hesslab.build_info()`` reads.
 """
 
@@ -104,6 +105,11 @@ def _extension():
     sources = _sources("*.cpp", "cpu/*.cpp")
     cxx = ["-O0", "-g"] if debug else ["-O3"]
     cxx += ["-fopenmp"]  # torch adds the -std it needs (C++20 for torch 2.14)
+    if os.environ.get("HESSLAB_NATIVE", "1") == "1":
+        # The CPU kernels convert float32 to float64 and accumulate; without AVX2/FMA they
+        # are compute-bound at 2-5 GB/s. pip builds on the machine that runs the code;
+        # set HESSLAB_NATIVE=0 to build a binary for another machine.
+        cxx += ["-march=native"]
     include_dirs = [CSRC]
     define_macros = []
     archs = None
@@ -134,6 +140,7 @@ def _extension():
         "cuda_home": os.environ.get("CUDA_HOME") if want_cuda else None,
         "torch_version": torch.__version__,
         "debug": debug,
+        "native": os.environ.get("HESSLAB_NATIVE", "1") == "1",
     }
     with open(os.path.join(ROOT, "hesslab", "_build_config.json"), "w") as f:
         json.dump(config, f, indent=1)
