@@ -30,7 +30,8 @@ demo: install
 	$(VENV)/bin/hesslab demo
 
 bench: install
-	$(VENV)/bin/hesslab bench
+	$(PY) -m pip install -q --no-deps $$($(PY) -c "import tomllib; print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['peers']))")
+	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/hesslab bench
 
 clean:
 	rm -rf build *.egg-info hesslab/_C*.so hesslab/_build_config.json

@@ -34,8 +34,8 @@ class TraceEstimate(Result):
 
 
 def _rademacher(n: int, k: int, gen: torch.Generator, op: LinearOperator) -> Tensor:
-    z = torch.randint(0, 2, (n, k), generator=gen, dtype=torch.int8).to(torch.float64) * 2 - 1
-    return z.to(device=op.device, dtype=op.dtype)
+    z = torch.randint(0, 2, (n, k), generator=gen, dtype=torch.int8).to(op.dtype) * 2 - 1
+    return z.to(op.device)
 
 
 def _apply(op: LinearOperator, Z: Tensor, batch_size: int, bar) -> Tensor:
@@ -47,9 +47,15 @@ def _apply(op: LinearOperator, Z: Tensor, batch_size: int, bar) -> Tensor:
     return torch.cat(out, dim=1)
 
 
-def _quad_forms(op: LinearOperator, Z: Tensor, batch_size: int, bar) -> Tensor:
-    """zᵢᵀ A zᵢ for each column, in float64."""
-    return (Z.double() * _apply(op, Z, batch_size, bar).double()).sum(0)
+def _quad_forms(op: LinearOperator, draw, count: int, batch_size: int, bar) -> Tensor:
+    """zᵢᵀ A zᵢ (float64) for ``count`` columns made ``batch_size`` at a time by ``draw(k)``,
+    so that memory stays at (n, batch_size) in the operator's dtype."""
+    out = []
+    for s in range(0, count, batch_size):
+        Z = draw(min(batch_size, count - s))
+        out.append((Z * op.matmat(Z)).sum(0, dtype=torch.float64))
+        bar.update(Z.shape[1])
+    return torch.cat(out)
 
 
 def trace(
@@ -90,16 +96,20 @@ def trace(
                leave=False)
     try:
         if method == "hutchinson":
-            q = _quad_forms(op, _rademacher(n, num_matvecs, gen, op), batch_size, bar)
+            q = _quad_forms(op, lambda k: _rademacher(n, k, gen, op), num_matvecs, batch_size, bar)
             return TraceEstimate(float(q.mean()), float(q.std() / math.sqrt(num_matvecs)), num_matvecs, method)
         k = min(num_matvecs // 3, n)
         m_rest = num_matvecs - 2 * k
         Q, _ = torch.linalg.qr(_apply(op, _rademacher(n, k, gen, op), batch_size, bar).double())  # (n, k)
         AQ = _apply(op, Q.to(op.dtype), batch_size, bar).double()
         exact = float((Q * AQ).sum())
-        G = _rademacher(n, m_rest, gen, op).double()
-        G = G - Q @ (Q.T @ G)
-        q = _quad_forms(op, G.to(op.dtype), batch_size, bar)
+        Qo = Q.to(op.dtype)
+
+        def projected(k: int) -> Tensor:  # (I − QQᵀ) G for a block of Rademacher G
+            G = _rademacher(n, k, gen, op)
+            return G - Qo @ (Qo.T @ G)
+
+        q = _quad_forms(op, projected, m_rest, batch_size, bar)
         # The projected quadratic forms: (PG)ᵀ A (PG) with P = I − QQᵀ.
         value = exact + float(q.mean())
         err = float(q.std() / math.sqrt(m_rest)) if m_rest > 1 else float("nan")
