@@ -212,6 +212,17 @@ def _measure(errors: dict[str, str], name: str, stages: Stages) -> Iterator[None
         stages.log(f"  {name} failed:\n{traceback.format_exc()}")
 
 
+
+def _record(summary: dict, label: str, a: "ModelAnalysis") -> None:
+    """A model's headline numbers, errors and unavailable sections into the summary."""
+    from .report import jsonable
+
+    summary["models"][label] = jsonable(a.numbers)
+    if a.errors:
+        summary["errors"][label] = a.errors
+    if a.unavailable:
+        summary["unavailable"][label] = a.unavailable
+
 def measure_model(
     label: str,
     model: nn.Module,
@@ -671,11 +682,7 @@ def _run_demo(out: Path, quick: bool, seed: int, progress: bool | None, verbose:
         a = measure_model(label, models[label], loss_fn, hess_data[kind], MEASURES[:5], k=cfg.k_concentration,
                           k_top=cfg.k_top, seed=seed, budget=cfg.budget, store=store, stages=stages)
         analyses[label] = a
-        summary["models"][label] = jsonable(a.numbers)
-        if a.errors:
-            summary["errors"][label] = a.errors
-        if a.unavailable:
-            summary["unavailable"][label] = a.unavailable
+        _record(summary, label, a)
 
     # -------------------------------------------------------- Kronecker factors
     kfacs: dict[str, KfacAnalysis] = {}
@@ -846,11 +853,7 @@ def run_analysis(
     a = measure_model(label, model, loss_fn, data, [m for m in measures if m != "kfac"], k=k, seed=seed,
                       budget=budget, store=store, stages=stages)
     analyses[label] = a
-    summary["models"][label] = jsonable(a.numbers)
-    if a.errors:
-        summary["errors"][label] = a.errors
-    if a.unavailable:
-        summary["unavailable"][label] = a.unavailable
+    _record(summary, label, a)
     kfacs: dict[str, KfacAnalysis] = {}
     if "kfac" in measures:
         loss_type = loss_name if loss_name in ("cross_entropy", "mse") else None

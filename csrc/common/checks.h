@@ -42,10 +42,8 @@ inline void check_device(const at::Tensor& t, const at::Tensor& ref, const char*
                     t.device());
 }
 
-// lanczos_step_(Q (b,m,n), w (b,n), beta_prev (b,) float64, j in [0, m)).
-inline void check_lanczos_step(const at::Tensor& Q, const at::Tensor& w,
-                               const at::Tensor& beta_prev, int64_t j) {
-  const char* op = "lanczos_step_";
+// A basis Q (b, m, n) and vectors w (b, n) of the same dtype and device.
+inline void check_basis_and_vectors(const at::Tensor& Q, const at::Tensor& w, const char* op) {
   check_floating(Q, op, "Q");
   check_dim(Q, 3, op, "Q", "(b, m, n)");
   check_dim(w, 2, op, "w", "(b, n)");
@@ -53,6 +51,13 @@ inline void check_lanczos_step(const at::Tensor& Q, const at::Tensor& w,
   TORCH_CHECK_VALUE(w.size(0) == Q.size(0) && w.size(1) == Q.size(2), "hesslab.", op,
                     ": argument 'w' must have shape (b, n) = (", Q.size(0), ", ", Q.size(2),
                     ") to match 'Q' ", Q.sizes(), ", got ", w.sizes());
+}
+
+// lanczos_step_(Q (b,m,n), w (b,n), beta_prev (b,) float64, j in [0, m)).
+inline void check_lanczos_step(const at::Tensor& Q, const at::Tensor& w,
+                               const at::Tensor& beta_prev, int64_t j) {
+  const char* op = "lanczos_step_";
+  check_basis_and_vectors(Q, w, op);
   TORCH_CHECK_VALUE(Q.size(1) >= 1, "hesslab.", op, ": argument 'Q' must hold m >= 1 rows, got ",
                     Q.sizes());
   TORCH_CHECK_VALUE(j >= 0 && j < Q.size(1), "hesslab.", op, ": argument 'j' must satisfy 0 <= j < m = ",
@@ -69,13 +74,7 @@ inline void check_lanczos_step(const at::Tensor& Q, const at::Tensor& w,
 // reorthogonalize_(Q (b,m,n), w (b,n), j in [0, m]).
 inline void check_reorthogonalize(const at::Tensor& Q, const at::Tensor& w, int64_t j) {
   const char* op = "reorthogonalize_";
-  check_floating(Q, op, "Q");
-  check_dim(Q, 3, op, "Q", "(b, m, n)");
-  check_dim(w, 2, op, "w", "(b, n)");
-  check_same(w, Q, op, "w", "Q");
-  TORCH_CHECK_VALUE(w.size(0) == Q.size(0) && w.size(1) == Q.size(2), "hesslab.", op,
-                    ": argument 'w' must have shape (b, n) = (", Q.size(0), ", ", Q.size(2),
-                    ") to match 'Q' ", Q.sizes(), ", got ", w.sizes());
+  check_basis_and_vectors(Q, w, op);
   TORCH_CHECK_VALUE(j >= 0 && j <= Q.size(1), "hesslab.", op,
                     ": argument 'j' must satisfy 0 <= j <= m = ", Q.size(1), ", got ", j);
 }
