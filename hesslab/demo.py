@@ -321,7 +321,7 @@ def measure_model(
             nodes = np.asarray(d.nodes)
             out.numbers.update(density_min=float(np.mean([x[v].min() for x, v in zip(nodes, valid)])),
                                density_max=float(np.mean([x[v].max() for x, v in zip(nodes, valid)])),
-                               negative_mass_strict=d.negative_mass(), slq_matvecs=int(d.num_matvecs))
+                               negative_mass_strict=d.negative_mass(tol=0), slq_matvecs=int(d.num_matvecs))
             save("density", d)
         if "density" in out.results:
             if conc_mod is None:

@@ -474,7 +474,7 @@ class SpectrumTracker:
         d = spectral_density(H, **options)
         payload: dict[str, Any] = {
             "nodes": d.nodes, "weights": d.weights, "num_steps": d.num_steps, "sigma2": d.sigma2,
-            "negative_mass_strict": d.negative_mass(),
+            "negative_mass_strict": d.negative_mass(tol=0),
         }
         try:
             o = outliers(d, **self.outlier_options)

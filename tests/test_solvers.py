@@ -129,6 +129,15 @@ def test_slq_stops_a_probe_at_breakdown_and_stays_exact():
     assert d.num_matvecs < 3 * 10  # stopped probes cost nothing
 
 
+def test_negative_mass_counts_what_lies_below_the_kernel_width():
+    lam = torch.tensor([-1.0] * 5 + [-1e-9] * 10 + [1.0] * 15, dtype=torch.float64)
+    d = spectral_density(DenseOperator(torch.diag(lam)), num_steps=5, num_probes=4, seed=3)
+    V = _probes(30, 4, 3)
+    exact = (V[:, :5] ** 2).sum(1).mean()  # the probes' weight on the eigenvalue −1
+    np.testing.assert_allclose(d.negative_mass(), exact, rtol=1e-10)
+    np.testing.assert_allclose(d.negative_mass(tol=0), (V[:, :15] ** 2).sum(1).mean(), rtol=1e-10)
+
+
 def test_slq_ghorbani_grid_and_kernel():
     _, H, D = PROBLEMS[0]
     d = spectral_density(H, num_steps=20, num_probes=4, preset="ghorbani")

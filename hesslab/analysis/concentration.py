@@ -278,7 +278,7 @@ class OutlierResult(Result):
             quadrature weight of nodes below −zero_tol averaged over probes; from a full
             spectrum (an ``EigenResult`` of ``hl.eigh_exact``), the fraction of
             eigenvalues below −zero_tol; NaN from a partial list.
-        negative_mass_strict: The same below 0 (``SpectralDensity.negative_mass()``):
+        negative_mass_strict: The same below 0 (``SpectralDensity.negative_mass(tol=0)``):
             it includes whatever share of the near-zero mass the quadrature node closest
             to 0 happens to carry on its negative side, often a large share for networks
             with many (near-)zero eigenvalues.
@@ -573,6 +573,6 @@ def _density_outliers(
         count=c, positions=positions, bulk_edge=edge, separation=float(rep[3][c - 1]) if c else 0.0,
         scores=rep[3], values=rep[1], source="density", min_separation=min_separation, window=window,
         num_dropped=int(dropped), counts_per_probe=counts, masses=masses, outlier_mass=float(masses.sum()),
-        negative_mass=neg, negative_mass_strict=float(density.negative_mass()), negative_mass_bounds=[lo, hi],
+        negative_mass=neg, negative_mass_strict=float(density.negative_mass(tol=0)), negative_mass_bounds=[lo, hi],
         zero_tol=tol,
     )

@@ -51,10 +51,17 @@ class SpectralDensity(Result):
         """Σ_j ω_j ℓ_j^p per probe: equals vᵀ A^p v for p ≤ 2 m − 1."""
         return (np.asarray(self.weights) * np.asarray(self.nodes, dtype=np.float64) ** p).sum(axis=1)
 
-    def negative_mass(self) -> float:
-        """The share of the spectrum below zero, averaged over probes (Σ ω_j over ℓ_j < 0)."""
+    def negative_mass(self, tol: float | None = None) -> float:
+        """The share of the spectrum below −tol, averaged over probes (Σ ω_j over ℓ_j < −tol).
+
+        Hessians of trained networks have a large cluster of Ritz values at ±(tiny), which a
+        strict ``< 0`` would count as negative mass; the default tol is the smoothing
+        kernel's standard deviation √sigma2, below which the density cannot tell a value from 0.
+        Pass ``tol=0`` for the strict count.
+        """
+        tol = float(np.sqrt(self.sigma2)) if tol is None else float(tol)
         w, x = np.asarray(self.weights), np.asarray(self.nodes)
-        return float((w * ((x < 0) & self.valid())).sum(axis=1).mean())
+        return float((w * ((x < -tol) & self.valid())).sum(axis=1).mean())
 
     def valid(self) -> np.ndarray:
         """(num_probes, m) bool: which entries of nodes/weights are real (not padding)."""
