@@ -54,7 +54,7 @@ import torch
 from torch import Tensor, nn
 
 from hesslab._results import Result
-from hesslab.errors import HesslabError
+from hesslab.errors import HesslabError, require_subset
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
@@ -243,12 +243,7 @@ class SpectrumTracker:
             raise HesslabError(f"loss_fn: expected a callable, got {type(loss_fn).__name__}")
         if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 1:
             raise HesslabError(f"every: expected a positive int (measure when step % every == 0), got {every!r}")
-        if isinstance(measures, str):
-            measures = (measures,)
-        measures = tuple(measures)
-        unknown = [m for m in measures if m not in MEASURES]
-        if unknown or not measures:
-            raise HesslabError(f"measures: expected a non-empty subset of {MEASURES}, got {measures!r}")
+        measures = require_subset("measures", measures, MEASURES)
         if on_error not in ("warn", "raise"):
             raise HesslabError(f"on_error: expected 'warn' or 'raise', got {on_error!r}")
         for name, opt in [("hessian_options", hessian_options), ("lanczos_options", lanczos_options),

@@ -17,7 +17,7 @@ import numpy as np
 
 from hesslab._plotting import axes
 from hesslab._results import Result
-from hesslab.errors import HesslabError
+from hesslab.errors import HesslabError, require_subset
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.axes import Axes
@@ -325,12 +325,7 @@ def linear_network_rank(
         raise HesslabError(f"loss: expected one of {_LOSSES}, got {loss!r}")
     if not isinstance(bias, (bool, np.bool_)):
         raise HesslabError(f"bias: expected True or False, got {bias!r}")
-    if isinstance(parts, str):
-        parts = (parts,)
-    parts = tuple(parts)
-    unknown = [p for p in parts if p not in _PARTS]
-    if unknown or not parts:
-        raise HesslabError(f"parts: expected a non-empty subset of {_PARTS}, got {parts!r}")
+    parts = require_subset("parts", parts, _PARTS)
     d, k_out = widths[0], widths[-1]
     hidden = widths[1:-1]
     num_layers = len(widths) - 1

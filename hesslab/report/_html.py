@@ -22,6 +22,8 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
+from ._io import format_value
+
 __all__ = ["Report", "Section", "fig_to_png"]
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -75,15 +77,7 @@ def _cell(value: Any) -> str:
 
 
 def _fmt(value: Any) -> str:
-    if isinstance(value, bool) or value is None:
-        return "—" if value is None else ("yes" if value else "no")
-    if isinstance(value, float):
-        if value != value:
-            return "n/a"
-        if value == 0 or 1e-3 <= abs(value) < 1e5:
-            return f"{value:.4g}"
-        return f"{value:.3e}"
-    return str(value)
+    return format_value(value, exp_digits=3)
 
 
 def _table_html(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

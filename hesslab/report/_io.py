@@ -136,7 +136,9 @@ def jsonable(value: Any) -> Any:
     return value
 
 
-def _text(value: Any) -> str:
+def format_value(value: Any, exp_digits: int = 2) -> str:
+    """A number or flag as a table cell: "—" for None, yes/no, 4 significant digits, or
+    scientific notation with ``exp_digits`` decimals outside [1e-3, 1e5)."""
     if value is None:
         return "—"
     if isinstance(value, bool):
@@ -146,13 +148,13 @@ def _text(value: Any) -> str:
             return "n/a"
         if value == 0 or 1e-3 <= abs(value) < 1e5:
             return f"{value:.4g}"
-        return f"{value:.2e}"
+        return f"{value:.{exp_digits}e}"
     return str(value)
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A fixed-width text table (numbers right-aligned)."""
-    cells = [[_text(v) for v in row] for row in rows]
+    cells = [[format_value(v) for v in row] for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
     numeric = [all(isinstance(row[i], (int, float)) and not isinstance(row[i], bool) or row[i] is None
                    for row in rows) for i in range(len(headers))]
