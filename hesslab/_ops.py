@@ -107,7 +107,11 @@ def lanczos_step_(Q: Tensor, w: Tensor, beta_prev: Tensor, j: int, tol: float = 
 
     For each run i: alpha = ⟨w, q_j⟩; w −= alpha q_j + beta_prev q_{j−1}; CGS2 of w against
     q_0..q_j (alpha absorbs the corrections along q_j); beta = ‖w‖; Q[i, j+1] = w / beta
-    when j + 1 < m. All inner products accumulate in float64.
+    when j + 1 < m. All inner products accumulate in float64. The second Gram–Schmidt
+    update is skipped for a run whose w the first already left orthogonal to working
+    precision (‖Qw‖ ≤ eps‖w‖, eps of Q's dtype), as it could change w only by rounding:
+    with float64 accumulation that is nearly every step of a float32 basis, one sweep
+    over Q saved out of three.
 
     Args:
         Q: (b, m, n) Krylov bases, rows 0..j orthonormal; row j+1 is written.
@@ -130,10 +134,11 @@ def lanczos_step_(Q: Tensor, w: Tensor, beta_prev: Tensor, j: int, tol: float = 
 
 
 def reorthogonalize_(Q: Tensor, w: Tensor, j: int) -> Tensor:
-    """CGS2 of w (b, n) against the first j rows of Q (b, m, n), in place.
+    """CGS2 of w (b, n) against the first j rows of Q (b, m, n), in place (the second
+    update only where needed, as in :func:`lanczos_step_`).
 
     Returns:
-        (b, j) float64: the sum of both passes' coefficients ⟨q_r, w⟩.
+        (b, j) float64: the sum of the applied passes' coefficients ⟨q_r, w⟩.
     """
     return _call("reorthogonalize_", [("Q", Q), ("w", w), ("j", int(j))], reference.reorthogonalize,
                  {"accumulate": torch.float64})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import scipy.stats
 import torch
 from torch import nn
 
@@ -105,6 +106,47 @@ def test_slq_moments_match_quadratic_forms(problem):
     assert d.num_matvecs == m * b
 
 
+def test_slq_local_reorthogonalization_keeps_the_quadrature():
+    """Local reorthogonalization loses global orthogonality (ghost copies of converged
+    outliers) but keeps the moments vᵀA^p v and the density of the full-basis run."""
+    rng = np.random.default_rng(0)
+    n = 400
+    lam = np.concatenate([[40.0, 25.0, 18.0], rng.normal(0.0, 0.5, n - 3)])  # outliers converge early
+    U, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    D = (U * lam) @ U.T
+    op = DenseOperator(torch.from_numpy(D))
+    m, b = 60, 3
+    full = spectral_density(op, num_steps=m, num_probes=b, seed=2)
+    local = spectral_density(op, num_steps=m, num_probes=b, seed=2, reorthogonalize="local")
+    assert local.num_matvecs == full.num_matvecs == m * b
+    V = _probes(n, b, 2)
+    Dp = np.eye(n)
+    for p in range(12):
+        expected = np.einsum("bi,ij,bj->b", V, Dp, V)
+        np.testing.assert_allclose(local.moments(p), expected, rtol=1e-9, atol=1e-12 * 40.0**p)
+        Dp = Dp @ D
+    # ghosts: the top outlier appears more than once among a local run's nodes, once in a full run's
+    near_top = lambda d: (np.abs(d.nodes - 40.0) < 1e-6).sum(axis=1)
+    assert (near_top(full) == 1).all() and (near_top(local) >= 2).any()
+    def w1(d):  # 1-Wasserstein distance of the quadrature measure to the exact spectrum
+        valid = d.valid()
+        return scipy.stats.wasserstein_distance(d.nodes[valid], lam, d.weights[valid])
+
+    assert w1(local) < 1.2 * w1(full) + 0.01
+    assert np.all(np.abs(local.weights.sum(1) - 1.0) < 1e-10)
+
+
+def test_slq_local_reorthogonalization_keeps_three_vectors(monkeypatch):
+    seen = []
+    real = _krylov._ops.lanczos_step_
+    monkeypatch.setattr(_krylov._ops, "lanczos_step_", lambda Q, *a: seen.append(Q.shape) or real(Q, *a))
+    op = DenseOperator(torch.diag(torch.arange(1.0, 51.0, dtype=torch.float64)))
+    spectral_density(op, num_steps=20, num_probes=2, reorthogonalize="local")
+    assert set(seen) == {(2, 3, 50)}
+    with pytest.raises(HesslabError, match="reorthogonalize must be"):
+        spectral_density(op, num_steps=5, reorthogonalize="none")
+
+
 def test_slq_with_n_steps_gives_the_eigenvalues():
     torch.manual_seed(5)
     n = 30
@@ -175,13 +217,14 @@ class _Interrupting(DenseOperator):
         return super()._matmat(V)
 
 
-@pytest.mark.parametrize("solver", ["lanczos", "slq"])
+@pytest.mark.parametrize("solver", ["lanczos", "slq", "slq_local"])
 def test_checkpoint_resume_gives_the_identical_result(tmp_path, solver):
     _, H, D = PROBLEMS[2]
     A = torch.from_numpy(D)
     run = {
         "lanczos": lambda op, **kw: lanczos(op, k=6, tol=1e-10, **kw),
         "slq": lambda op, **kw: spectral_density(op, num_steps=25, num_probes=3, **kw),
+        "slq_local": lambda op, **kw: spectral_density(op, num_steps=25, num_probes=3, reorthogonalize="local", **kw),
     }[solver]
     full = run(DenseOperator(A))
     path = tmp_path / "state.pt"
@@ -196,6 +239,10 @@ def test_checkpoint_resume_gives_the_identical_result(tmp_path, solver):
                 np.testing.assert_array_equal(np.asarray(value), np.asarray(other.to_dict()[key]), err_msg=key)
     with pytest.raises(HesslabError, match="different arguments"):
         spectral_density(DenseOperator(A), num_steps=24, num_probes=3, checkpoint=path)
+    other = "full" if solver == "slq_local" else "local"
+    if solver != "lanczos":
+        with pytest.raises(HesslabError, match="different arguments"):
+            spectral_density(DenseOperator(A), num_steps=25, num_probes=3, checkpoint=path, reorthogonalize=other)
 
 
 def test_memory_estimate_refuses_with_options(monkeypatch):
@@ -204,6 +251,7 @@ def test_memory_estimate_refuses_with_options(monkeypatch):
     with pytest.raises(HesslabError, match="basis_dtype=torch.float32") as err:
         spectral_density(op, num_steps=10, num_probes=4)
     assert "fewer steps" in str(err.value) and "basis_device='cpu'" in str(err.value)
+    assert "reorthogonalize='local'" in str(err.value)
 
 
 def test_bad_arguments():

@@ -1,10 +1,15 @@
 // CPU kernels of the Lanczos family: lanczos_step_ and reorthogonalize_.
 //
 // Algorithm (both ops): classical Gram–Schmidt applied twice (CGS2) of w against rows of
-// the Krylov basis Q, for b independent runs at once, in three sweeps over the rows:
+// the Krylov basis Q, for b independent runs at once, in up to three sweeps over the rows:
 //   (1) d = Q w                      (and ||w||^2)
-//   (2) w -= Q^T d, then c = Q w     (fused per tile, while the tile of Q is in cache)
-//   (3) w -= Q^T c                   (and ||w||^2)
+//   (2) w -= Q^T d, then c = Q w     (fused per tile, while the tile of Q is in cache; and ||w||^2)
+//   (3) w -= Q^T c                   (and ||w||^2), only for runs that need it
+// Sweep (3) is skipped for run i when ||c_i|| <= eps ||w_i|| (eps: the storage type's
+// machine epsilon): c_i / ||w_i|| is exactly the new vector's inner products with the
+// basis, so w is then already orthogonal to working precision and the second update could
+// not change its stored value by more than rounding. With float64 accumulation a float32
+// basis almost always skips it (one pass leaves ~1e-10); a float64 basis usually does not.
 // lanczos_step_ runs them against rows 0..j of w = A q_j. The three-term recurrence
 // w -= alpha q_j + beta_prev q_{j-1} is the part of sweep (2) along rows j and j-1:
 // d_j = <w, q_j> is alpha's first term and d_{j-1} equals beta_prev up to rounding, so
@@ -32,6 +37,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
+#include <memory>
 #include <vector>
 
 #include "common/checks.h"
@@ -60,10 +67,11 @@ inline double dot_double(const T* a, const T* b, int64_t len) {
 //   if sub:   w[i] -= sum_r sub[i, r] Q[i, r]   (the sum formed in double)
 //   if dots:  dots[i, r] += <Q[i, r], w[i]>     (after the update)
 //   if norm2: norm2[i] += <w[i], w[i]>          (after the update)
-// Q rows are read once; the outputs are overwritten.
+// Q rows are read once; the outputs are overwritten. With a run mask, runs whose entry is
+// false are left alone (no reads, their outputs untouched).
 template <typename T>
 void sweep(const T* Q, int64_t m, int64_t rows, T* w, int64_t b, int64_t n, const double* sub, double* dots,
-           double* norm2) {
+           double* norm2, const bool* mask = nullptr) {
   if (b == 0) return;
   const int64_t segs = std::max<int64_t>(1, (n + kSegment - 1) / kSegment);
   const int64_t width = rows + 1;  // per task: the row dots, then the norm
@@ -72,6 +80,7 @@ void sweep(const T* Q, int64_t m, int64_t rows, T* w, int64_t b, int64_t n, cons
     double tmp[kTile];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t i = task / segs, x0 = (task % segs) * kSegment, x1 = std::min(n, x0 + kSegment);
+      if (mask != nullptr && !mask[i]) continue;
       double* acc = partial.data() + task * width;
       const T* qi = Q + i * m * n;
       T* wi = w + i * n;
@@ -93,7 +102,7 @@ void sweep(const T* Q, int64_t m, int64_t rows, T* w, int64_t b, int64_t n, cons
     }
   });
   for (int64_t i = 0; i < b; ++i)
-    for (int64_t r = 0; r < width; ++r) {
+    for (int64_t r = 0; r < width && (mask == nullptr || mask[i]); ++r) {
       double s = 0;
       for (int64_t seg = 0; seg < segs; ++seg) s += partial[(i * segs + seg) * width + r];
       if (r < rows && dots != nullptr) dots[i * rows + r] = s;
@@ -101,16 +110,30 @@ void sweep(const T* Q, int64_t m, int64_t rows, T* w, int64_t b, int64_t n, cons
     }
 }
 
-// CGS2 of w against rows [0, rows): coeff (b, rows) gets both passes' coefficients summed;
-// norm2_in / norm2_out (b,) get ||w||^2 before and after, when not null.
+// CGS2 of w against rows [0, rows), the second update only where needed (see the top):
+// coeff (b, rows) gets the coefficients applied; norm2_in / norm2_out (b,) get ||w||^2
+// before and after, when not null.
 template <typename T>
 void cgs2(const T* Q, int64_t m, int64_t rows, T* w, int64_t b, int64_t n, double* coeff, double* norm2_in,
           double* norm2_out) {
-  std::vector<double> d(static_cast<size_t>(b * rows)), c(static_cast<size_t>(b * rows));
+  std::vector<double> d(static_cast<size_t>(b * rows)), c(static_cast<size_t>(b * rows)), mid(b), out(b);
   sweep(Q, m, rows, w, b, n, nullptr, d.data(), norm2_in);
-  sweep(Q, m, rows, w, b, n, d.data(), c.data(), nullptr);
-  sweep(Q, m, rows, w, b, n, c.data(), nullptr, norm2_out);
-  for (int64_t k = 0; k < b * rows; ++k) coeff[k] = d[k] + c[k];
+  sweep(Q, m, rows, w, b, n, d.data(), c.data(), mid.data());
+  const double eps = std::numeric_limits<T>::epsilon();
+  std::unique_ptr<bool[]> again(new bool[b]);
+  bool any = false;
+  for (int64_t i = 0; i < b; ++i) {
+    double c2 = 0;
+    for (int64_t r = 0; r < rows; ++r) c2 += c[i * rows + r] * c[i * rows + r];
+    again[i] = !(c2 <= eps * eps * mid[i]);  // NaN goes through the second pass too
+    any = any || again[i];
+    out[i] = mid[i];
+  }
+  if (any) sweep(Q, m, rows, w, b, n, c.data(), nullptr, out.data(), again.get());
+  for (int64_t i = 0; i < b; ++i) {
+    for (int64_t r = 0; r < rows; ++r) coeff[i * rows + r] = d[i * rows + r] + (again[i] ? c[i * rows + r] : 0.0);
+    if (norm2_out != nullptr) norm2_out[i] = out[i];
+  }
 }
 
 template <typename T>

@@ -3,11 +3,14 @@
 // Must match hesslab/reference.py. For each run i independently, with every inner
 // product and norm accumulated in float64 whatever the storage dtype T:
 //   lanczos_step_:    a0 = <w, q_j>, nw = ||w||;  w -= a0 q_j + beta_prev[i] q_{j-1} (j > 0);
-//                     two classical Gram-Schmidt passes against q_0..q_j (c = Q w; w -= Q^T c);
-//                     alpha = a0 + c_j(pass 1) + c_j(pass 2); beta = ||w||;
+//                     two classical Gram-Schmidt passes against q_0..q_j (c = Q w; w -= Q^T c),
+//                     the second update only where ||c(pass 2)|| > eps ||w|| (eps: T's machine
+//                     epsilon; elsewhere w is already orthogonal to working precision and
+//                     c(pass 2) counts as 0); alpha = a0 + c_j(pass 1) + c_j(pass 2); beta = ||w||;
 //                     breakdown = beta <= tol * (nw + |beta_prev|); Q[i, j+1] = breakdown ? 0 : w / beta
 //                     when j + 1 < m. w keeps the unnormalised residual.
-//   reorthogonalize_: the two passes against q_0..q_{j-1}; returns c(pass 1) + c(pass 2).
+//   reorthogonalize_: the two passes against q_0..q_{j-1} (the second as above); returns
+//                     c(pass 1) + c(pass 2). The CPU kernel applies the same rule.
 //
 // Memory layout: Q (b, m, n) row-major, row r of run i at Q + i*m*n + r*n; w (b, n);
 // coefficients (b, rows) row-major in a float64 workspace zeroed with cudaMemsetAsync.
@@ -28,6 +31,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <limits>
 
 #include "cuda_utils.cuh"
 
@@ -106,13 +110,17 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
 }
 
-// w[i, x] -= sum_{r < rows} c[i*ldc + r] * Q[i*q_run + r*n + x], accumulated in float64.
+// w[i, x] -= sum_{r < rows} c[i*ldc + r] * Q[i*q_run + r*n + x], accumulated in float64;
+// runs with mask[i] false (mask not null) are skipped without reading Q.
 template <typename T>
 __global__ void __launch_bounds__(kBlockThreads)
     subtract_rows_kernel(const T* Q, int64_t q_run, int64_t rows, const double* c, int64_t ldc,
-                         T* w, int64_t b, int64_t n) {
+                         T* w, int64_t b, int64_t n, const bool* mask) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = blockIdx.y; i < b; i += gridDim.y) {
+    if (mask != nullptr && !mask[i]) {
+      continue;
+    }
     const T* Qi = Q + i * q_run;
     const double* ci = c + i * ldc;
     T* wi = w + i * n;
@@ -133,6 +141,8 @@ struct StepWorkspace {
   double* first;    // (b, 2)    [beta_prev, a0]: coefficients of q_{j-1}, q_j
   double* pass1;    // (b, j+1)  Gram-Schmidt coefficients, pass 1
   double* pass2;    // (b, j+1)  pass 2
+  double* mid2;     // (b,)      ||w||^2 after the first pass
+  bool* again;      // (b,)      second update needed (carved from b doubles)
   double* beta2;    // (b,)      ||w_out||^2
 };
 
@@ -142,7 +152,9 @@ StepWorkspace step_workspace(double* base, int64_t b, int64_t j) {
   ws.first = ws.w_norm2 + b;
   ws.pass1 = ws.first + 2 * b;
   ws.pass2 = ws.pass1 + b * (j + 1);
-  ws.beta2 = ws.pass2 + b * (j + 1);
+  ws.mid2 = ws.pass2 + b * (j + 1);
+  ws.again = reinterpret_cast<bool*>(ws.mid2 + b);
+  ws.beta2 = ws.mid2 + 2 * b;
   return ws;
 }
 
@@ -181,6 +193,28 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
 }
 
+// One thread per run: again[i] = ||c_i|| > eps ||w_i|| (||w_i||^2 in norm2); where not,
+// c_i is zeroed (the update it stands for is not applied).
+__global__ void __launch_bounds__(kBlockThreads)
+    second_update_kernel(double* c, const double* norm2, int64_t rows, int64_t b, double eps,
+                         bool* again) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= b) {
+    return;
+  }
+  double c2 = 0.0;
+  for (int64_t r = 0; r < rows; ++r) {
+    c2 += c[i * rows + r] * c[i * rows + r];
+  }
+  const bool needed = !(c2 <= eps * eps * norm2[i]);  // NaN takes the second update too
+  again[i] = needed;
+  if (!needed) {
+    for (int64_t r = 0; r < rows; ++r) {
+      c[i * rows + r] = 0.0;
+    }
+  }
+}
+
 // out[e] = a[e] + b[e] for e < count.
 __global__ void __launch_bounds__(kBlockThreads)
     add_kernel(const double* a, const double* b, double* out, int64_t count) {
@@ -208,27 +242,38 @@ cudaError_t launch_dots(const T* X, int64_t x_run, int64_t x_row, int64_t rows, 
 // Launches subtract_rows_kernel (see there); nothing to do when a dimension is empty.
 template <typename T>
 cudaError_t launch_subtract(const T* Q, int64_t q_run, int64_t rows, const double* c,
-                            int64_t ldc, T* w, int64_t b, int64_t n, cudaStream_t stream) {
+                            int64_t ldc, T* w, int64_t b, int64_t n, cudaStream_t stream,
+                            const bool* mask = nullptr) {
   if (rows == 0 || n == 0) {
     return cudaSuccess;
   }
   subtract_rows_kernel<T><<<run_grid(b, n), kBlockThreads, 0, stream>>>(Q, q_run, rows, c, ldc,
-                                                                         w, b, n);
+                                                                         w, b, n, mask);
   return cudaGetLastError();
 }
 
-// One classical Gram-Schmidt pass of w against rows 0..rows-1 of Q (m rows per run):
-// c = Q w into the zeroed c (b, rows), then w -= Q^T c.
+// CGS2 of w against rows 0..rows-1 of Q (m rows per run), into zeroed c1, c2 (b, rows) and
+// mid2 (b,): c1 = Q w, w -= Q^T c1; c2 = Q w and mid2 = ||w||^2; then w -= Q^T c2 only for
+// the runs that need it (see the top; c2 is zeroed for the others).
 template <typename T>
-cudaError_t gram_schmidt_pass(const T* Q, int64_t m, int64_t rows, T* w, int64_t b, int64_t n,
-                              double* c, cudaStream_t stream) {
-  HESSLAB_CUDA_TRY(launch_dots<T>(Q, m * n, n, rows, w, b, n, c, rows, stream));
-  return launch_subtract<T>(Q, m * n, rows, c, rows, w, b, n, stream);
+cudaError_t cgs2(const T* Q, int64_t m, int64_t rows, T* w, int64_t b, int64_t n, double* c1,
+                 double* c2, double* mid2, bool* again, cudaStream_t stream) {
+  if (rows == 0 || n == 0) {
+    return cudaSuccess;
+  }
+  HESSLAB_CUDA_TRY(launch_dots<T>(Q, m * n, n, rows, w, b, n, c1, rows, stream));
+  HESSLAB_CUDA_TRY(launch_subtract<T>(Q, m * n, rows, c1, rows, w, b, n, stream));
+  HESSLAB_CUDA_TRY(launch_dots<T>(Q, m * n, n, rows, w, b, n, c2, rows, stream));
+  HESSLAB_CUDA_TRY(launch_dots<T>(w, n, 0, 1, w, b, n, mid2, 1, stream));
+  second_update_kernel<<<static_cast<unsigned int>(ceil_div(b, kBlockThreads)), kBlockThreads, 0,
+                         stream>>>(c2, mid2, rows, b, std::numeric_limits<T>::epsilon(), again);
+  HESSLAB_CUDA_TRY(cudaGetLastError());
+  return launch_subtract<T>(Q, m * n, rows, c2, rows, w, b, n, stream, again);
 }
 
 }  // namespace
 
-int64_t lanczos_step_workspace_size(int64_t b, int64_t j) { return b * (2 * (j + 1) + 4); }
+int64_t lanczos_step_workspace_size(int64_t b, int64_t j) { return b * (2 * (j + 1) + 6); }
 
 template <typename T>
 cudaError_t lanczos_step_cuda(T* Q, T* w, const double* beta_prev, int64_t b, int64_t m,
@@ -254,8 +299,7 @@ cudaError_t lanczos_step_cuda(T* Q, T* w, const double* beta_prev, int64_t b, in
     HESSLAB_CUDA_TRY(launch_subtract<T>(q_j, run, 1, ws.first + 1, 2, w, b, n, stream));
   }
   // CGS2 against q_0..q_j.
-  HESSLAB_CUDA_TRY(gram_schmidt_pass<T>(Q, m, j + 1, w, b, n, ws.pass1, stream));
-  HESSLAB_CUDA_TRY(gram_schmidt_pass<T>(Q, m, j + 1, w, b, n, ws.pass2, stream));
+  HESSLAB_CUDA_TRY(cgs2<T>(Q, m, j + 1, w, b, n, ws.pass1, ws.pass2, ws.mid2, ws.again, stream));
   // ||w_out||^2, then the per-run scalars.
   HESSLAB_CUDA_TRY(launch_dots<T>(w, n, 0, 1, w, b, n, ws.beta2, 1, stream));
   step_scalars_kernel<<<static_cast<unsigned int>(ceil_div(b, kBlockThreads)), kBlockThreads, 0,
@@ -269,7 +313,7 @@ cudaError_t lanczos_step_cuda(T* Q, T* w, const double* beta_prev, int64_t b, in
   return cudaSuccess;
 }
 
-int64_t reorthogonalize_workspace_size(int64_t b, int64_t j) { return 2 * b * j; }
+int64_t reorthogonalize_workspace_size(int64_t b, int64_t j) { return 2 * b * j + 2 * b; }
 
 template <typename T>
 cudaError_t reorthogonalize_cuda(const T* Q, T* w, int64_t b, int64_t m, int64_t n, int64_t j,
@@ -279,10 +323,11 @@ cudaError_t reorthogonalize_cuda(const T* Q, T* w, int64_t b, int64_t m, int64_t
   }
   double* pass1 = workspace;
   double* pass2 = workspace + b * j;
+  double* mid2 = pass2 + b * j;
+  bool* again = reinterpret_cast<bool*>(mid2 + b);
   HESSLAB_CUDA_TRY(cudaMemsetAsync(workspace, 0,
                                    reorthogonalize_workspace_size(b, j) * sizeof(double), stream));
-  HESSLAB_CUDA_TRY(gram_schmidt_pass<T>(Q, m, j, w, b, n, pass1, stream));
-  HESSLAB_CUDA_TRY(gram_schmidt_pass<T>(Q, m, j, w, b, n, pass2, stream));
+  HESSLAB_CUDA_TRY(cgs2<T>(Q, m, j, w, b, n, pass1, pass2, mid2, again, stream));
   add_kernel<<<stride_blocks(b * j), kBlockThreads, 0, stream>>>(pass1, pass2, coeffs, b * j);
   return cudaGetLastError();
 }

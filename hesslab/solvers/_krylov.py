@@ -6,6 +6,15 @@ runs), then one compiled ``lanczos_step_`` does all the vector work (three-term
 recurrence, CGS2 full reorthogonalization, normalisation) for the b runs without a host
 sync. The driver adds what long runs need:
 
+* two reorthogonalization modes: ``"full"`` keeps the whole (b, m, n) basis and
+  orthogonalizes every new vector against all of it (CGS2); ``"local"`` keeps only a
+  rolling window of three rows per run and orthogonalizes against the previous two (the
+  three-term recurrence, done twice): b·3·n memory instead of b·m·n, two rows of work per
+  step instead of m. Local runs lose global orthogonality once Ritz values converge
+  (duplicate "ghost" Ritz values appear), which leaves Gauss quadrature accurate (Paige
+  1976; Golub & Meurant, *Matrices, Moments and Quadrature*, 2010, ch. 4): fine for SLQ,
+  not for an eigensolver that needs the basis;
+
 * a memory estimate of the Krylov basis before allocating it, refusing with the options
   when it will not fit;
 * breakdown handling: a run whose Krylov space is exhausted either stops (SLQ: its
@@ -57,10 +66,11 @@ def check_basis_memory(b: int, m: int, n: int, dtype: torch.dtype, device: torch
     avail = _available_bytes(device)
     if need > 0.8 * avail:
         raise HesslabError(
-            f"the Krylov basis needs {need / 2**30:.2f} GiB ({b} runs x {m} steps x {n} parameters x "
+            f"the Krylov basis needs {need / 2**30:.2f} GiB ({b} runs x {m} vectors x {n} parameters x "
             f"{itemsize} bytes) but only {avail / 2**30:.2f} GiB is available on {device}. Options: fewer steps "
             "(num_steps), fewer probes, basis_dtype=torch.float32 (inner products still accumulate in float64), "
-            "or basis_device='cpu' to keep the basis in host memory."
+            "basis_device='cpu' to keep the basis in host memory, or for spectral_density "
+            "reorthogonalize='local' (3 vectors per probe instead of num_steps)."
         )
     return need
 
@@ -80,13 +90,19 @@ def progress_enabled(progress: bool | None) -> bool:
 class KrylovState:
     """Everything needed to continue a batched Lanczos run (and to checkpoint it)."""
 
-    Q: Tensor  # (b, capacity, n) basis, rows [0, j] valid
+    Q: Tensor  # (b, capacity, n) basis, rows [0, j] valid ("local": rows [0, row(j)], a window)
     alphas: Tensor  # (b, capacity) float64, entries [0, j) valid
     betas: Tensor  # (b, capacity) float64, entries [0, j) valid
     steps: Tensor  # (b,) int64: rows of T in use per run (< j where a run stopped at a breakdown)
     j: int = 0  # steps completed
     restarts: int = 0
     generator_state: Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.uint8))
+
+    local: bool = False  # Q is the rolling window of "local" reorthogonalization
+
+    def row(self, j: int) -> int:
+        """Row of Q that holds basis vector j (the last vector of a local window)."""
+        return min(j, 1) if self.local else j
 
     def tridiagonal(self, i: int) -> tuple[Tensor, Tensor]:
         """Diagonal (m_i,) and off-diagonal (m_i - 1,) of run i's T, float64 on the CPU."""
@@ -102,7 +118,7 @@ def _save(path: Path, state: KrylovState, fingerprint: str) -> None:
     j = state.j
     payload = {
         "fingerprint": fingerprint,
-        "Q": state.Q[:, : j + 1].cpu(),
+        "Q": state.Q[:, : state.row(j) + 1].cpu(),
         "alphas": state.alphas[:, :j].cpu(),
         "betas": state.betas[:, :j].cpu(),
         "steps": state.steps.clamp(max=j).cpu(),  # an interrupted step is redone on resume
@@ -115,32 +131,34 @@ def _save(path: Path, state: KrylovState, fingerprint: str) -> None:
     os.replace(tmp, path)  # atomic: an interruption while writing keeps the previous checkpoint
 
 
-def _load(path: Path, fingerprint: str, capacity: int, device: torch.device) -> KrylovState | None:
+def _load(path: Path, fingerprint: str, rows_cap: int, coeff_cap: int, device: torch.device,
+          local: bool) -> KrylovState | None:
     if not path.exists():
         return None
     payload = torch.load(path, map_location="cpu", weights_only=True)
     if payload["fingerprint"] != fingerprint:
         raise HesslabError(
             f"checkpoint: {path} was written by a run with different arguments (operator size, steps, probes, "
-            "seed or dtype); delete it or pass another checkpoint path"
+            "seed, dtype or reorthogonalization); delete it or pass another checkpoint path"
         )
     j = payload["j"]
-    b, rows, n = payload["Q"].shape  # rows = j + 1, or j when the run filled its capacity
-    cap = max(capacity, rows)
-    Q = torch.zeros(b, cap, n, dtype=payload["Q"].dtype, device=device)
+    b, rows, n = payload["Q"].shape  # rows = row(j) + 1, or j when the run filled its capacity
+    Q = torch.zeros(b, max(rows_cap, rows), n, dtype=payload["Q"].dtype, device=device)
     Q[:, :rows] = payload["Q"].to(device)
+    cap = max(coeff_cap, rows, j)
     alphas = torch.zeros(b, cap, dtype=torch.float64, device=device)
     betas = torch.zeros(b, cap, dtype=torch.float64, device=device)
     alphas[:, :j] = payload["alphas"].to(device)
     betas[:, :j] = payload["betas"].to(device)
-    return KrylovState(Q, alphas, betas, payload["steps"].to(device), j, payload["restarts"], payload["generator_state"])
+    return KrylovState(Q, alphas, betas, payload["steps"].to(device), j, payload["restarts"], payload["generator_state"],
+                       local)
 
 
 def _grow(state: KrylovState, capacity: int) -> None:
     b, cap, n = state.Q.shape
     if capacity <= cap:
         return
-    Q = torch.zeros(b, capacity, n, dtype=state.Q.dtype, device=state.Q.device)
+    Q = torch.empty(b, capacity, n, dtype=state.Q.dtype, device=state.Q.device)  # rows > j + 1 are never read
     Q[:, :cap] = state.Q
     state.Q = Q
     for name in ("alphas", "betas"):
@@ -183,6 +201,7 @@ def run_krylov(
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 10,
     config: dict | None = None,
+    reorthogonalize: str = "full",
 ) -> KrylovState:
     """Advance b Lanczos runs from ``starts`` (b, n) for up to ``max_steps`` steps.
 
@@ -191,33 +210,41 @@ def run_krylov(
         starts: (b, n) start vectors (normalised here).
         max_steps: the most rows of T per run (≤ n).
         on_breakdown: "stop" (freeze that run: its T is complete) or "restart" (continue
-            with a fresh orthogonal vector and a zero off-diagonal).
+            with a fresh orthogonal vector and a zero off-diagonal; "full" only).
         stop: called every ``check_every`` steps; True ends the run early.
         initial_capacity: rows allocated up front (grown by doubling up to max_steps).
         checkpoint, checkpoint_every, config: see the module docstring; ``config`` holds
             the caller's arguments that determine the result (for the fingerprint).
+        reorthogonalize: "full" or "local" (see the module docstring).
     """
     b, n = starts.shape
     require(on_breakdown in ("stop", "restart"), f"on_breakdown must be 'stop' or 'restart', got {on_breakdown!r}")
-    capacity = min(max_steps, initial_capacity or max_steps)
-    check_basis_memory(b, capacity, n, basis_dtype, basis_device)
+    require(reorthogonalize in ("full", "local"),
+            f"reorthogonalize must be 'full' or 'local', got {reorthogonalize!r}")
+    local = reorthogonalize == "local"
+    require(not (local and on_breakdown == "restart"), "on_breakdown='restart' needs reorthogonalize='full'")
+    coeff_cap = max_steps if local else min(max_steps, initial_capacity or max_steps)
+    rows_cap = 3 if local else coeff_cap
+    check_basis_memory(b, rows_cap, n, basis_dtype, basis_device)
     fingerprint = _fingerprint({**(config or {}), "n": n, "b": b, "max_steps": max_steps,
-                                "basis_dtype": str(basis_dtype), "op_dtype": str(op.dtype)})
+                                "basis_dtype": str(basis_dtype), "op_dtype": str(op.dtype),
+                                **({"reorthogonalize": reorthogonalize} if local else {})})
     path = Path(checkpoint) if checkpoint is not None else None
-    state = _load(path, fingerprint, capacity, basis_device) if path is not None else None
+    state = _load(path, fingerprint, rows_cap, coeff_cap, basis_device, local) if path is not None else None
     if state is None:
         generator_state = generator.get_state()
-        Q = torch.zeros(b, capacity, n, dtype=basis_dtype, device=basis_device)
+        Q = torch.empty(b, rows_cap, n, dtype=basis_dtype, device=basis_device)  # rows > j + 1 are never read
         v0 = starts.to(device=basis_device, dtype=torch.float64)
         norms = v0.norm(dim=1, keepdim=True)
         require(bool((norms > 0).all()), "start vectors must be nonzero")
         Q[:, 0] = (v0 / norms).to(basis_dtype)
         state = KrylovState(
             Q,
-            torch.zeros(b, capacity, dtype=torch.float64, device=basis_device),
-            torch.zeros(b, capacity, dtype=torch.float64, device=basis_device),
+            torch.zeros(b, coeff_cap, dtype=torch.float64, device=basis_device),
+            torch.zeros(b, coeff_cap, dtype=torch.float64, device=basis_device),
             torch.zeros(b, dtype=torch.long, device=basis_device),
             generator_state=generator_state,
+            local=local,
         )
     else:
         generator.set_state(state.generator_state)
@@ -235,15 +262,22 @@ def run_krylov(
             if stop is not None and state.j > 0 and state.j % check_every == 0 and stop(state):
                 break
             j = state.j
-            if j + 1 >= state.Q.shape[1] and state.Q.shape[1] < max_steps:
+            if not local and j + 1 >= state.Q.shape[1] and state.Q.shape[1] < max_steps:
                 _grow(state, min(max_steps, 2 * state.Q.shape[1]))
+            r = state.row(j)
+            all_active = bool(active.all())
             idx = active.nonzero().flatten()
-            W = torch.zeros(b, n, dtype=basis_dtype, device=basis_device)
-            AV = op.matmat(state.Q[idx, j].T.to(device=op.device, dtype=op.dtype))  # (n, |active|)
-            if not bool(torch.isfinite(AV).all()):
+            V = state.Q[:, r] if all_active else state.Q[idx, r]
+            AV = op.matmat(V.T.to(device=op.device, dtype=op.dtype))  # (n, |active|)
+            if all_active:
+                W = AV.T.to(device=basis_device, dtype=basis_dtype).contiguous()
+            else:
+                W = torch.zeros(b, n, dtype=basis_dtype, device=basis_device)
+                W[idx] = AV.T.to(device=basis_device, dtype=basis_dtype)
+            alpha, beta, broke = _ops.lanczos_step_(state.Q, W, beta_prev, r, breakdown_tol)
+            # A NaN/Inf entry of A q_j makes alpha or beta non-finite: one check of 2b scalars.
+            if not bool(torch.isfinite(torch.stack([alpha, beta])[:, active]).all()):
                 raise HesslabError(f"the operator returned NaN or Inf at step {j}: check the model, loss and data")
-            W[idx] = AV.T.to(device=basis_device, dtype=basis_dtype)
-            alpha, beta, broke = _ops.lanczos_step_(state.Q, W, beta_prev, j, breakdown_tol)
             state.alphas[:, j] = torch.where(active, alpha, state.alphas[:, j])
             state.betas[:, j] = torch.where(active, beta, state.betas[:, j])
             state.steps += active.long()
@@ -256,6 +290,9 @@ def run_krylov(
                     else:
                         active[i] = False
             beta_prev = state.betas[:, j].clone()
+            if local and r == 1:  # slide the window: q_j, q_{j+1} become rows 0, 1
+                state.Q[:, 0].copy_(state.Q[:, 1])
+                state.Q[:, 1].copy_(state.Q[:, 2])
             state.generator_state = generator.get_state()  # as of the last completed step
             state.j = j + 1
             bar.update(1)

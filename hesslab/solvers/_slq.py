@@ -133,6 +133,7 @@ def spectral_density(
     preset: str | None = None,
     basis_dtype: torch.dtype | None = None,
     basis_device: torch.device | str | None = None,
+    reorthogonalize: str = "full",
     progress: bool | None = None,
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 10,
@@ -156,6 +157,15 @@ def spectral_density(
         seed: seed of the probes.
         sigma2, grid_size, grid: smoothing (see :func:`smooth_density`).
         basis_dtype, basis_device: storage of the (num_probes, num_steps, n) basis.
+        reorthogonalize: "full" (default, as in the paper): every new Lanczos vector is
+            orthogonalized against the probe's whole basis (CGS2), which is kept in memory.
+            "local": only against the previous two vectors, keeping 3 instead of num_steps
+            vectors per probe and doing 2 instead of up to num_steps rows of work per step,
+            for models whose basis does not fit or whose products are cheap next to the
+            reorthogonalization. Without global orthogonality converged outliers come back
+            as duplicate Ritz values; the quadrature splits their weight between the copies,
+            so the density and its moments stay accurate (Paige 1976; Golub & Meurant 2010,
+            ch. 4), though individual nodes are no longer eigenvalue estimates to trust.
         progress: progress bar; None shows it when stderr is a terminal.
         checkpoint: file to save state to and resume from after an interruption.
         checkpoint_every: steps between checkpoint writes (an interruption always writes).
@@ -179,7 +189,7 @@ def spectral_density(
         op, starts, num_steps, basis_dtype=basis_dtype, basis_device=basis_device, on_breakdown="stop",
         generator=gen, breakdown_tol=breakdown_tol(basis_dtype), progress=progress,
         desc=f"SLQ {num_probes} probes", checkpoint=checkpoint, checkpoint_every=checkpoint_every,
-        config={"solver": "slq", "seed": seed},
+        config={"solver": "slq", "seed": seed}, reorthogonalize=reorthogonalize,
     )
     nodes = np.zeros((num_probes, num_steps))
     weights = np.zeros((num_probes, num_steps))
