@@ -399,7 +399,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     if not any(p.requires_grad for p in model.parameters()):
         raise HesslabError("--model: the model has no parameter with requires_grad=True; nothing to analyse")
     budget = Budget(slq_steps=args.slq_steps, slq_probes=args.slq_probes, trace_matvecs=args.trace_matvecs,
-                    layer_k=args.k)
+                    layer_k=args.k, slq_reorthogonalize=args.slq_reorthogonalize)
     source = {"model": args.model, "checkpoint": args.checkpoint or "", "data": args.data, "loss": args.loss,
               "device": str(device), "batches": num_batches, "outputs": num_classes}
     summary = run_analysis(model, loss_fn, data, measures=measures, out=args.out, k=args.k, seed=args.seed,
@@ -470,6 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use only the first N batches of the loader (default: all; they are held in memory)")
     p.add_argument("--slq-steps", type=_positive_int, default=80, help="Lanczos steps per SLQ probe (default 80)")
     p.add_argument("--slq-probes", type=_positive_int, default=8, help="SLQ probes (default 8)")
+    p.add_argument("--slq-reorthogonalize", choices=("full", "local"), default="full",
+                   help="full: keep every probe's basis (default); local: keep 3 vectors per probe, for large "
+                        "models (same density, see hesslab.spectral_density)")
     p.add_argument("--trace-matvecs", type=_positive_int, default=99, help="Hutch++ products (default 99)")
     p.add_argument("--threads", type=int, default=0, metavar="N", help="torch threads (default: torch's own)")
     p.add_argument("--label", default="model", help="name of the model in files and the report (default: model)")

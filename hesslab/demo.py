@@ -61,6 +61,7 @@ class Budget:
     lanczos_tol: float = 1e-6
     slq_steps: int = 80
     slq_probes: int = 8
+    slq_reorthogonalize: str = "full"
     density_grid: int = 4000
     trace_matvecs: int = 99
     layer_k: int = 20
@@ -315,7 +316,8 @@ def measure_model(
         with stages.stage(f"{label}: SLQ density ({budget.slq_probes} probes × {steps} steps)"), \
                 _measure(out.errors, "density", stages):
             d = spectral_density(H, num_steps=steps, num_probes=budget.slq_probes, seed=seed,
-                                 grid_size=budget.density_grid, progress=stages.inner_progress)
+                                 grid_size=budget.density_grid, reorthogonalize=budget.slq_reorthogonalize,
+                                 progress=stages.inner_progress)
             out.results["density"] = d
             valid = d.valid()
             nodes = np.asarray(d.nodes)

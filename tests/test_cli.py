@@ -155,6 +155,19 @@ def test_analyze_custom_loss_single_batch_table(tmp_path, capsys):
     assert "density" not in summary["models"]["model"] and "power_law_s" not in summary["models"]["model"]
 
 
+def test_analyze_passes_the_slq_reorthogonalization(tmp_path, capsys):
+    rc, _, err = _run(capsys, ["analyze", "--model", f"{FIX}:tiny_mlp", "--data", f"{FIX}:loader",
+                               "--measures", "density", "--out", tmp_path, "--slq-steps", 40, "--slq-probes", 3,
+                               "--slq-reorthogonalize", "local", "--quiet"])
+    assert rc == 0, err
+    got = load_results(tmp_path)["model/density"]
+    H = hl.Hessian(cli_fixtures.tiny_mlp(), torch.nn.CrossEntropyLoss(), list(cli_fixtures.loader()))
+    runs = {mode: hl.spectral_density(H, num_steps=40, num_probes=3, seed=0, reorthogonalize=mode)
+            for mode in ("local", "full")}
+    np.testing.assert_allclose(got.weights, runs["local"].weights, atol=1e-6)
+    assert np.abs(got.weights - runs["full"].weights).max() > 1e-3  # 40 steps for 75 parameters: ghosts
+
+
 @pytest.fixture
 def mismatched_checkpoint(tmp_path):
     path = tmp_path / "other.pt"
