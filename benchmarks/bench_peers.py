@@ -15,7 +15,8 @@ where the exact Hessian (hl.eigh_exact) is the accuracy reference, and resnet_sm
 (0.31M parameters, BatchNorm in eval mode, float32, a batch of 16 1x8x8 digits images)
 for speed; on a GPU ResNet-18 for 32x32 inputs (about 11M parameters, a fixed-seed random
 batch of 128). Sizes are chosen so the full CPU run takes about 12 minutes on 2 cores:
-the ResNet runs at the first thread count only unless --resnet-threads says otherwise.
+the CNN and the ResNet run at the first thread count only unless --cnn-threads /
+--resnet-threads say otherwise.
 
 Figures per tool, task and thread count: wall time (median of the timed repeats after a
 warm-up, the lower one for an even count, the operator's construction included), Hessian-vector products (counted at each
@@ -141,8 +142,10 @@ NOTES = {
               "one after another, so a change in the machine's load hits them unequally: the load average is "
               "recorded, and total/floor (against the tool's own single product, measured in the same process) "
               "is the steadier figure.",
-    "threads": "mlp and cnn at every --threads count; resnet at the first only by default (--resnet-threads 1,2 "
-               "adds the 2-thread figures, about 5 more minutes). Workers run with OMP_WAIT_POLICY=PASSIVE unless "
+    "threads": "mlp at every --threads count; cnn and resnet at the first only by default (--cnn-threads 1,2 "
+               "and --resnet-threads 1,2 add their 2-thread figures, about 4 and 5 more minutes: on this machine "
+               "the small CNN's 2-thread runs were 3-6x slower than its 1-thread runs for every tool, which "
+               "measures the starved second core more than the tools). Workers run with OMP_WAIT_POLICY=PASSIVE unless "
                "the environment sets it: with the default (spinning) policy, 2-thread runs on this shared 2-core "
                "machine stalled at every parallel region (one product of the small CNN: 1.2 s median with 2 "
                "threads against 5 ms with 1; 12 ms with PASSIVE). With tiny models 2 threads still lose to 1.",
@@ -739,6 +742,8 @@ def main() -> None:
                    "(default mlp,cnn,resnet; resnet18 is the GPU suite's)")
     p.add_argument("--tools", default=",".join(TOOLS), help="comma separated subset of " + ", ".join(TOOLS))
     p.add_argument("--resnet-batch", type=int, default=None, help="images in the resnet_small batch (default 16)")
+    p.add_argument("--cnn-threads", default=None,
+                   help="thread counts for the digits CNN (default: the first of --threads, to keep the run short)")
     p.add_argument("--resnet-threads", default=None,
                    help="thread counts for resnet_small (default: the first of --threads, to keep the run short)")
     p.add_argument("--resnet18-batch", type=int, default=128, help="images in the ResNet-18 batch")
@@ -764,8 +769,9 @@ def main() -> None:
     workloads = (args.workloads or ("mlp,resnet" if args.quick else "mlp,cnn,resnet")).split(",")
     resnet_batch = args.resnet_batch or (4 if args.quick else 16)
     resnet_threads = [int(t) for t in args.resnet_threads.split(",")] if args.resnet_threads else threads[:1]
+    cnn_threads = [int(t) for t in args.cnn_threads.split(",")] if args.cnn_threads else threads[:1]
     if cuda:
-        resnet_threads = threads
+        resnet_threads = cnn_threads = threads
     config = ({"k": 5, "slq_steps": 20, "slq_probes": 4, "trace_products": 30} if args.quick
               else {"k": 10, "slq_steps": 90, "slq_probes": 8, "trace_products": 100})
     # Repeats: the products dominate, so cheap workloads get more. --repeats caps them.
@@ -796,7 +802,7 @@ def main() -> None:
                 groups = [list(tool_tasks)] if resettable or cuda else [[t] for t in tool_tasks]
                 for tasks in groups:
                     spec = dict(workload=wl, tool=tool, tasks=tasks, device=device,
-                                threads=resnet_threads if wl == "resnet" else threads,
+                                threads={"resnet": resnet_threads, "cnn": cnn_threads}.get(wl, threads),
                                 payload=str(tmp / "payload.pt"), repeats=repeats[wl], warmup=warmup[wl],
                                 config=config, resettable=resettable, krylov_steps=krylov_steps,
                                 omp_wait_policy=args.omp_wait_policy)
@@ -809,7 +815,7 @@ def main() -> None:
     env = environment(device)
     env["peers"] = versions
     env["skipped_tools"] = missing
-    env["threads"] = {"mlp/cnn": threads, "resnet": resnet_threads}
+    env["threads"] = {"mlp": threads, "cnn": cnn_threads, "resnet": resnet_threads}
     env["loadavg_start"], env["loadavg_end"] = load_before, os.getloadavg()
     env["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY", args.omp_wait_policy or None)
     duration = time.perf_counter() - start

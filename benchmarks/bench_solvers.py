@@ -2,8 +2,8 @@
 
 Workloads (hesslab.zoo, scikit-learn's digits, trained a few epochs): an MLP, a CNN, and
 a ResNet-style network with BatchNorm in eval mode (0.31M parameters). Tasks: top-10
-eigenvalues (hl.lanczos), an SLQ density (90 steps × 8 probes, hl.spectral_density),
-and a Hutch++ trace (100 products).
+eigenvalues (hl.lanczos), an SLQ density (90 steps × 8 probes, hl.spectral_density, with
+full and with local reorthogonalization), and a Hutch++ trace (100 products).
 
 Reported per task:
   * wall time (median of repeats) and number of products;
@@ -12,7 +12,7 @@ Reported per task:
   * floor ratio = total time / (products × the time of one single-column product measured
     alone): below 1 where batching several columns into one data pass pays off.
 And: batched SLQ (all probes in one pass per step) against the same probes run one after
-another (the ResNet uses 20 steps here to keep the run short).
+another (30 steps, the ResNet 20, to keep the run short).
 
     python benchmarks/bench_solvers.py [--quick] [--threads 1,2]
 """
@@ -73,6 +73,8 @@ def run(name, model, data, threads, repeats, quick):
     tasks = {
         "top-10 (lanczos)": lambda op: hl.lanczos(op, k=10, tol=1e-6, compute_residuals=False, return_eigenvectors=False),
         f"SLQ {steps}x{probes}": lambda op: hl.spectral_density(op, num_steps=steps, num_probes=probes, grid_size=2000),
+        f"SLQ {steps}x{probes} local": lambda op: hl.spectral_density(op, num_steps=steps, num_probes=probes,
+                                                                     grid_size=2000, reorthogonalize="local"),
         "trace (hutch++, 100)": lambda op: hl.trace(op, num_matvecs=100, method="hutch++"),
     }
     runs = 1 if n > 100_000 else max(1, repeats // 2)  # the big model: one timed run per task
@@ -90,7 +92,7 @@ def run(name, model, data, threads, repeats, quick):
                          product_ms=one * 1e3, overhead=total / inside, floor_ratio=total / (count * one)))
         print(rows[-1], flush=True)
     # batched SLQ against the same probes one after another
-    s = 20 if name.startswith("resnet") else steps
+    s = min(steps, 20 if name.startswith("resnet") else 30)
     t0 = time.perf_counter()
     hl.spectral_density(H, num_steps=s, num_probes=probes, grid_size=2000)
     batched = time.perf_counter() - t0

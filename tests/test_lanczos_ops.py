@@ -61,6 +61,26 @@ def test_reorthogonalize_matches_twin(shape, dtype, device):
             assert proj.abs().max() <= TOL[dtype] * 10 * w.double().norm(dim=1).max()
 
 
+def test_second_update_runs_where_one_pass_is_not_enough(dtype, device):
+    """Run 0's w lies almost in span(Q) (1e-6 of it outside): one Gram–Schmidt pass leaves
+    it far from orthogonal, so the second update must run. Run 1's random w is orthogonal to
+    working precision after one pass. Both must end orthogonal to working precision."""
+    b, m, n, j = 2, 8, 4000, 8
+    Q = _basis(b, m, n, j, torch.float64, device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    inside = torch.einsum("bj,bjn->bn", torch.randn(b, j, dtype=torch.float64, device=device, generator=gen), Q)
+    noise = torch.randn(b, n, dtype=torch.float64, device=device, generator=gen)
+    w64 = torch.stack([inside[0] + 1e-6 * noise[0] / noise[0].norm() * inside[0].norm(), noise[1]])
+    Q, w = Q.to(dtype), w64.to(dtype)
+    eps = torch.finfo(dtype).eps
+    first = w.double() - torch.einsum("bj,bjn->bn", torch.einsum("bjn,bn->bj", Q.double(), w.double()), Q.double())
+    one_pass = torch.einsum("bjn,bn->bj", Q.double(), first.to(dtype).double()).norm(dim=1) / first.norm(dim=1)
+    assert one_pass[0] > 100 * eps  # the case needs the second update
+    _ops.reorthogonalize_(Q, w, j)
+    after = torch.einsum("bjn,bn->bj", Q.double(), w.double()).norm(dim=1) / w.double().norm(dim=1)
+    assert (after <= 4 * eps).all(), after
+
+
 def test_results_do_not_depend_on_the_thread_count():
     """The CPU kernels cut work into fixed segments: 1 and 2 threads agree bitwise."""
     b, m, n, j = 3, 6, 300_001, 4
