@@ -25,13 +25,15 @@ PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(hesslab, m) {
   // One Lanczos step for b runs: alpha = <w, q_j>; w -= alpha q_j + beta_prev q_{j-1};
-  // CGS2 against q_0..q_j (alpha absorbs the q_j corrections); beta = ||w||;
+  // CGS2 against q_0..q_j, the second update skipped where the first left w orthogonal to
+  // the storage dtype's epsilon (alpha absorbs the q_j corrections); beta = ||w||;
   // Q[:, j+1] = w / beta when j + 1 < m. breakdown[i]: beta <= tol * (||w_in|| + |beta_prev|),
   // and then Q[i, j+1] is written as zeros (never NaN) for the driver to replace.
   m.def(
       "lanczos_step_(Tensor(a!) Q, Tensor(b!) w, Tensor beta_prev, int j, float tol) -> "
       "(Tensor alpha, Tensor beta, Tensor breakdown)");
-  // CGS2 of w against Q[:, :j]; returns the total coefficients (b, j) in float64.
+  // CGS2 of w against Q[:, :j] (second update as above); returns the total coefficients
+  // (b, j) in float64.
   m.def("reorthogonalize_(Tensor Q, Tensor(a!) w, int j) -> Tensor");
   // Block-diagonal Kronecker product: out_l = vec(B_l V_l A_l^T) for every layer l.
   m.def("kron_matmul(Tensor[] A, Tensor[] B, Tensor V) -> Tensor");

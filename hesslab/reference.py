@@ -1,11 +1,13 @@
 """Pure-torch twins of the compiled ops: the test oracle and the fallback.
 
-Each function computes exactly what the op of the same name in ``torch.ops.hesslab``
-computes (see csrc/hesslab.cpp and hesslab/_ops.py for the contracts), with batched
+Each function computes what the op of the same name in ``torch.ops.hesslab`` computes
+(see csrc/hesslab.cpp and hesslab/_ops.py for the contracts), with batched
 matrix products (bmm/einsum) instead of hand-written kernels. The Lanczos twins take
 ``accumulate``: ``None`` does the inner products in the storage dtype (a plain float32
 GEMM for float32 bases, the baseline the benchmarks compare against), ``torch.float64``
 upcasts first and so matches the compiled kernels, which always accumulate in float64.
+The twins always apply both Gram–Schmidt updates; the kernels skip the second where the
+first already reached working precision, so the two agree to rounding, not bitwise.
 
 Shapes: Q (b, m, n) Krylov bases, w (b, n), V (b, N) flat vectors over Kronecker layers
 (layer l owns N_l = out_l * in_l consecutive entries, a row-major (out_l, in_l) matrix).

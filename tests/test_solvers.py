@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+
 import numpy as np
 import pytest
 import scipy.stats
@@ -243,6 +247,19 @@ def test_checkpoint_resume_gives_the_identical_result(tmp_path, solver):
     if solver != "lanczos":
         with pytest.raises(HesslabError, match="different arguments"):
             spectral_density(DenseOperator(A), num_steps=25, num_probes=3, checkpoint=path, reorthogonalize=other)
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="signals cannot be masked here")
+def test_ctrl_c_during_a_step_commit_arrives_after_it():
+    """The driver commits a step (generator state, window slide, step count) with SIGINT
+    held, so a checkpoint written on KeyboardInterrupt never sees half a step."""
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with _krylov._interrupts_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # without the mask KeyboardInterrupt is raised here
+            done.append(True)
+    assert done == [True]
 
 
 def test_memory_estimate_refuses_with_options(monkeypatch):

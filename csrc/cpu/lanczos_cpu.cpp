@@ -15,7 +15,8 @@
 // d_j = <w, q_j> is alpha's first term and d_{j-1} equals beta_prev up to rounding, so
 // subtracting Q^T d does the recurrence and the first reorthogonalization in one pass
 // (identical in exact arithmetic to the contract in csrc/hesslab.cpp). alpha = d_j + c_j;
-// beta = ||w||; Q[:, j+1] = w / beta. Three sweeps over Q instead of four.
+// beta = ||w||; Q[:, j+1] = w / beta. At most three sweeps over Q instead of four, usually
+// two for float32 bases.
 //
 // Layout: Q is (b, m, n) contiguous, w is (b, n) contiguous, storage float or double.
 // Every inner product and every correction sum_r c_r q_r is accumulated in double,

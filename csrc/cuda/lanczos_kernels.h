@@ -29,8 +29,9 @@ cudaError_t lanczos_step_cuda(T* Q, T* w, const double* beta_prev, int64_t b, in
 // Number of float64 elements of the `workspace` that reorthogonalize_cuda needs.
 int64_t reorthogonalize_workspace_size(int64_t b, int64_t j);
 
-// CGS2 of w against rows 0..j-1 of Q (0 <= j <= m); coeffs (b, j) float64 receives the
-// sum of both passes' coefficients. j == 0 or b == 0 enqueues nothing.
+// CGS2 of w against rows 0..j-1 of Q (0 <= j <= m), the second update only where needed
+// (see lanczos_kernels.cu); coeffs (b, j) float64 receives the sum of the applied passes'
+// coefficients. j == 0 or b == 0 enqueues nothing.
 template <typename T>
 cudaError_t reorthogonalize_cuda(const T* Q, T* w, int64_t b, int64_t m, int64_t n, int64_t j,
                                  double* coeffs, double* workspace, cudaStream_t stream);

@@ -31,9 +31,12 @@ T_i = tridiag(betas[i, :m-1], alphas[i, :m], betas[i, :m-1]).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import signal
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -183,6 +186,21 @@ def _fresh_orthogonal(state: KrylovState, i: int, generator: torch.Generator) ->
     return False  # the basis already spans the whole space
 
 
+@contextlib.contextmanager
+def _interrupts_deferred():
+    """Hold SIGINT (Ctrl-C) until the block ends, so that a KeyboardInterrupt, and with it
+    the checkpoint written on the way out, falls between steps and never inside one. A
+    no-op off the main thread or where signals cannot be masked (Windows)."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)  # a pending SIGINT is delivered here
+
+
 def run_krylov(
     op: LinearOperator,
     starts: Tensor,
@@ -269,14 +287,14 @@ def run_krylov(
             idx = active.nonzero().flatten()
             V = state.Q[:, r] if all_active else state.Q[idx, r]
             AV = op.matmat(V.T.to(device=op.device, dtype=op.dtype))  # (n, |active|)
-            if all_active:
-                W = AV.T.to(device=basis_device, dtype=basis_dtype).contiguous()
+            if all_active:  # a fresh buffer: AV may be the operator's own (or V's) storage
+                W = torch.empty(b, n, dtype=basis_dtype, device=basis_device).copy_(AV.T)
             else:
                 W = torch.zeros(b, n, dtype=basis_dtype, device=basis_device)
                 W[idx] = AV.T.to(device=basis_device, dtype=basis_dtype)
             alpha, beta, broke = _ops.lanczos_step_(state.Q, W, beta_prev, r, breakdown_tol)
             # A NaN/Inf entry of A q_j makes alpha or beta non-finite: one check of 2b scalars.
-            if not bool(torch.isfinite(torch.stack([alpha, beta])[:, active]).all()):
+            if not bool(((torch.isfinite(alpha) & torch.isfinite(beta)) | ~active).all()):
                 raise HesslabError(f"the operator returned NaN or Inf at step {j}: check the model, loss and data")
             state.alphas[:, j] = torch.where(active, alpha, state.alphas[:, j])
             state.betas[:, j] = torch.where(active, beta, state.betas[:, j])
@@ -290,11 +308,12 @@ def run_krylov(
                     else:
                         active[i] = False
             beta_prev = state.betas[:, j].clone()
-            if local and r == 1:  # slide the window: q_j, q_{j+1} become rows 0, 1
-                state.Q[:, 0].copy_(state.Q[:, 1])
-                state.Q[:, 1].copy_(state.Q[:, 2])
-            state.generator_state = generator.get_state()  # as of the last completed step
-            state.j = j + 1
+            with _interrupts_deferred():  # a checkpoint must never see half of this commit
+                state.generator_state = generator.get_state()  # as of the last completed step
+                if local and r == 1:  # slide the window: q_j, q_{j+1} become rows 0, 1
+                    state.Q[:, 0].copy_(state.Q[:, 1])
+                    state.Q[:, 1].copy_(state.Q[:, 2])
+                state.j = j + 1
             bar.update(1)
             if path is not None and state.j % checkpoint_every == 0:
                 _save(path, state, fingerprint)
