@@ -249,7 +249,6 @@ def test_checkpoint_resume_gives_the_identical_result(tmp_path, solver):
             spectral_density(DenseOperator(A), num_steps=25, num_probes=3, checkpoint=path, reorthogonalize=other)
 
 
-@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="signals cannot be masked here")
 def test_ctrl_c_during_a_step_commit_arrives_after_it():
     """The driver commits a step (generator state, window slide, step count) with SIGINT
     held, so a checkpoint written on KeyboardInterrupt never sees half a step."""

@@ -188,17 +188,25 @@ def _fresh_orthogonal(state: KrylovState, i: int, generator: torch.Generator) ->
 
 @contextlib.contextmanager
 def _interrupts_deferred():
-    """Hold SIGINT (Ctrl-C) until the block ends, so that a KeyboardInterrupt, and with it
-    the checkpoint written on the way out, falls between steps and never inside one. A
-    no-op off the main thread or where signals cannot be masked (Windows)."""
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+    """Hold Ctrl-C (SIGINT) until the block ends, so that a KeyboardInterrupt, and with it
+    the checkpoint written on the way out, falls between steps and never inside one. The
+    Python-level handler is swapped for one that only records the signal (masking the
+    signal would not do: the OS hands it to one of torch's other threads); a no-op off the
+    main thread, where Python handles no signals."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    received = []
+    old = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)  # a pending SIGINT is delivered here
+        signal.signal(signal.SIGINT, old)
+        if received:
+            if callable(old):
+                old(signal.SIGINT, None)  # the default handler raises KeyboardInterrupt here
+            elif old == signal.SIG_DFL:
+                signal.raise_signal(signal.SIGINT)
 
 
 def run_krylov(
