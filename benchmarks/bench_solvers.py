@@ -14,7 +14,10 @@ Reported per task:
 And, at the first thread count: batched SLQ (all probes in one pass per step) against the
 same probes run one after another (30 steps, the ResNet 20, to keep the run short).
 
-    python benchmarks/bench_solvers.py [--quick] [--threads 1,2]
+The ResNet runs at the first thread count only unless --resnet-threads says otherwise
+(its 2-thread rows add about 1.5 minutes to `make bench`).
+
+    python benchmarks/bench_solvers.py [--quick] [--threads 1,2] [--resnet-threads 1,2]
 """
 
 from __future__ import annotations
@@ -109,12 +112,16 @@ def run(name, model, data, threads, repeats, quick, compare_batched):
 
 
 def main() -> None:
-    args = parser(__doc__.splitlines()[0]).parse_args()
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--resnet-threads", default=None, help="thread counts for the ResNet (default: the first of "
+                   "--threads, to keep the run short)")
+    args = p.parse_args()
     threads = [int(t) for t in args.threads.split(",")]
+    resnet_threads = [int(t) for t in args.resnet_threads.split(",")] if args.resnet_threads else threads[:1]
     repeats = 2 if args.quick else args.repeats
     rows = []
     for name, model, data in workloads(args.quick):
-        for t in threads:
+        for t in resnet_threads if name.startswith("resnet") else threads:
             rows += run(name, model, data, t, repeats, args.quick, compare_batched=t == threads[0])
     path = write_json("solvers", {"environment": environment("cpu"), "rows": rows}, args.out)
     print("\n" + table(rows, [("model", "model", "s"), ("n", "params", ",d"), ("threads", "threads", "d"),

@@ -18,6 +18,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -63,12 +64,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     scripts = sorted(bench_dir.glob("bench_*.py"))
     if not scripts:
         raise HesslabError(f"no benchmarks found in {bench_dir}: `hesslab bench` runs from a source checkout")
-    status = 0
+    status, took = 0, []
     for script in scripts:
         # Full mode keeps 3 timed repeats so that the whole suite fits ~20 minutes on 2 cores.
         cmd = [sys.executable, str(script)] + (["--quick"] if args.quick else ["--repeats", "3"])
         print("$ " + " ".join(cmd), flush=True)
+        t0 = time.perf_counter()
         status = max(status, subprocess.call(cmd))
+        took.append(f"{script.stem} {(time.perf_counter() - t0) / 60:.1f} min")
+    print("hesslab bench: " + ", ".join(took), flush=True)
     return status
 
 
