@@ -455,13 +455,16 @@ class CurvatureOperator(LinearOperator):
         """(1/N) Σ_k n_k A_k V over all batches (and ranks); V (n, b) -> (n, b)."""
         n, b = V.shape
         Vs = columns_to_params(V, self.param_shapes)  # [(b, *s_i)]
-        acc = torch.zeros(n, b, dtype=self.dtype, device=self.device)
+        acc = None
         count = 0
         with torch.enable_grad(), self._model_mode():
             for _, inputs, targets, size in self._batches():
                 parts = self._batch_product(inputs, targets, Vs, reuse)  # [(b, *s_i)]
-                acc.add_(params_to_columns(parts), alpha=size)  # (n, b)
+                cols = params_to_columns(parts)  # (n, b), a fresh tensor
+                acc = cols.mul_(size) if acc is None else acc.add_(cols, alpha=size)
                 count += size
+        if acc is None:
+            acc = torch.zeros(n, b, dtype=self.dtype, device=self.device)
         if self._num_data is None:
             self._num_data = self._global_count(count)
         acc = self._reduce(acc)

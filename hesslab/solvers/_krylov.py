@@ -280,6 +280,7 @@ def run_krylov(
     bar = tqdm(total=max_steps, initial=state.j, desc=desc, unit="step", disable=not progress_enabled(progress),
                leave=False)
     active = state.steps == state.j  # runs that have not stopped
+    W = torch.empty(b, n, dtype=basis_dtype, device=basis_device)  # A q_j, then the residual: one buffer for all steps
     beta_prev = state.betas[:, state.j - 1].clone() if state.j > 0 else torch.zeros(b, dtype=torch.float64, device=basis_device)
     try:
         while state.j < max_steps and bool(active.any()):
@@ -295,10 +296,10 @@ def run_krylov(
             idx = active.nonzero().flatten()
             V = state.Q[:, r] if all_active else state.Q[idx, r]
             AV = op.matmat(V.T.to(device=op.device, dtype=op.dtype))  # (n, |active|)
-            if all_active:  # a fresh buffer: AV may be the operator's own (or V's) storage
-                W = torch.empty(b, n, dtype=basis_dtype, device=basis_device).copy_(AV.T)
+            if all_active:  # copied into W: AV may be the operator's own (or V's) storage
+                W.copy_(AV.T)
             else:
-                W = torch.zeros(b, n, dtype=basis_dtype, device=basis_device)
+                W.zero_()
                 W[idx] = AV.T.to(device=basis_device, dtype=basis_dtype)
             alpha, beta, broke = _ops.lanczos_step_(state.Q, W, beta_prev, r, breakdown_tol)
             # A NaN/Inf entry of A q_j makes alpha or beta non-finite: one check of 2b scalars.
