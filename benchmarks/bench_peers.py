@@ -14,7 +14,7 @@ parameters, 256 samples) and a small CNN (1,626 parameters, 128 images) in float
 where the exact Hessian (hl.eigh_exact) is the accuracy reference, and resnet_small
 (0.31M parameters, BatchNorm in eval mode, float32, a batch of 16 1x8x8 digits images)
 for speed; on a GPU ResNet-18 for 32x32 inputs (about 11M parameters, a fixed-seed random
-batch of 128). Sizes are chosen so the full CPU run takes about 12 minutes on 2 cores:
+batch of 128). Sizes are chosen so the full CPU run takes about 8 minutes on 2 cores:
 the CNN and the ResNet run at the first thread count only unless --cnn-threads /
 --resnet-threads say otherwise.
 
@@ -75,7 +75,7 @@ NOTES = {
         "mlp: zoo.digits_mlp() (64-32-32-10), 256 training samples, float64. cnn: zoo.digits_cnn(channels=(4, 8)) "
         "(1,626 parameters, small so that its exact Hessian costs seconds), 128 images, float64. resnet: "
         "zoo.resnet_small() (0.31M parameters, BatchNorm in eval mode) on a batch of 16 1x8x8 digits images, "
-        "float32 (the batch is small to fit the run in ~12 minutes: the products are cheap, so solver overhead "
+        "float32 (the batch is small to fit the run in ~8 minutes: the products are cheap, so solver overhead "
         "weighs more than with big batches). resnet18 (GPU suite): zoo.resnet18_cifar(), untrained, a fixed-seed "
         "N(0,1) batch of 128 3x32x32 inputs, float32. Models trained with zoo.train (seeded)."
     ),
