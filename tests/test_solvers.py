@@ -16,6 +16,7 @@ from hesslab.errors import HesslabError
 from hesslab.linops import DenseOperator, Hessian
 from hesslab.solvers import EigenResult, SpectralDensity, TraceEstimate, eigh_exact, lanczos, spectral_density, trace
 from hesslab.solvers import _krylov
+from hesslab.solvers import _lanczos as _lanczos_mod
 from tests import models
 
 CE = nn.CrossEntropyLoss()
@@ -58,6 +59,14 @@ def test_lanczos_top10_and_bottom5_match_eigh(problem):
     lm = lanczos(H, k=3, which="LM", tol=1e-10)
     by_mag = exact[np.argsort(-np.abs(exact))][:3]
     np.testing.assert_allclose(lm.eigenvalues.numpy(), by_mag, rtol=0, atol=1e-8 * scale)
+
+
+def test_ritz_vectors_in_slices_equal_the_whole_product():
+    Q = torch.randn(7, 1003, dtype=torch.float32)
+    S = torch.randn(7, 3, dtype=torch.float64)
+    whole = Q.T.double() @ S
+    for max_bytes in (8, 8 * 7 * 100, 2**28):  # one column per slice, 100 per slice, all at once
+        torch.testing.assert_close(_lanczos_mod.ritz_vectors(Q, S, max_bytes=max_bytes), whole, rtol=1e-12, atol=0)
 
 
 def test_lanczos_counts_products_and_finds_multiplicities():

@@ -166,8 +166,7 @@ def lanczos(
     vectors = residuals = None
     residuals = torch.full((k,), float("nan"), dtype=torch.float64)
     if return_eigenvectors or compute_residuals:
-        Sk = torch.from_numpy(S[:, sel]).to(state.Q.device)
-        vectors = (state.Q[0, :m].T.double() @ Sk).to("cpu")  # (n, k)
+        vectors = ritz_vectors(state.Q[0, :m], torch.from_numpy(S[:, sel]))  # (n, k)
         if compute_residuals:
             AV = op.matmat(vectors.to(device=op.device, dtype=op.dtype)).double().cpu()
             residuals = (AV - vectors * torch.from_numpy(theta[sel])).norm(dim=0)
@@ -182,6 +181,22 @@ def lanczos(
         which=which,
         restarts=state.restarts,
     )
+
+
+def ritz_vectors(Q: Tensor, S: Tensor, max_bytes: int = 2**28) -> Tensor:
+    """Qᵀ S in float64 on the CPU, for a basis Q (m, n) of any dtype and device and S (m, k).
+
+    Converted to float64 a slice of columns at a time, so that the extra memory stays
+    below ``max_bytes`` however long the basis (a float64 copy of 300 steps of an
+    11M-parameter basis would take 26 GB).
+    """
+    m, n = Q.shape
+    S = S.to(device=Q.device, dtype=torch.float64)
+    out = torch.empty(n, S.shape[1], dtype=torch.float64)
+    step = max(1, max_bytes // (8 * max(m, 1)))
+    for lo in range(0, n, step):
+        out[lo : lo + step] = (Q[:, lo : lo + step].T.double() @ S).cpu()
+    return out
 
 
 def eigh_exact(op: LinearOperator, max_size: int = 4096, return_eigenvectors: bool = True) -> EigenResult:
