@@ -469,7 +469,7 @@ class SpectrumTracker:
         d = spectral_density(H, **options)
         payload: dict[str, Any] = {
             "nodes": d.nodes, "weights": d.weights, "num_steps": d.num_steps, "sigma2": d.sigma2,
-            "negative_mass_strict": d.negative_mass(tol=0),
+            "reorthogonalize": d.reorthogonalize, "negative_mass_strict": d.negative_mass(tol=0),
         }
         try:
             o = outliers(d, **self.outlier_options)
@@ -704,7 +704,8 @@ class TrackingHistory(Result):
                 nodes, weights = _floats(d["nodes"]), _floats(d["weights"])
                 counts = np.asarray(d["num_steps"], dtype=np.int64)
                 grid, dens, _ = smooth_density(nodes, weights, 1e-5, 10000, counts=counts)
-                return SpectralDensity(nodes, weights, counts, grid, dens, float(d["sigma2"]), int(d["num_matvecs"]))
+                return SpectralDensity(nodes, weights, counts, grid, dens, float(d["sigma2"]), int(d["num_matvecs"]),
+                                       d.get("reorthogonalize", "full"))
         raise HesslabError(f"step: no density was recorded at step {step}; recorded steps: {self.density_steps()}")
 
     def density_steps(self) -> list[int]:

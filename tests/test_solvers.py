@@ -132,6 +132,7 @@ def test_slq_local_reorthogonalization_keeps_the_quadrature():
     full = spectral_density(op, num_steps=m, num_probes=b, seed=2)
     local = spectral_density(op, num_steps=m, num_probes=b, seed=2, reorthogonalize="local")
     assert local.num_matvecs == full.num_matvecs == m * b
+    assert (local.reorthogonalize, full.reorthogonalize) == ("local", "full")
     V = _probes(n, b, 2)
     Dp = np.eye(n)
     for p in range(12):
@@ -299,7 +300,8 @@ def test_bad_arguments():
 
 def test_results_save_and_load(tmp_path):
     _, H, D = PROBLEMS[0]
-    for result in [lanczos(H, k=3), spectral_density(H, num_steps=5, num_probes=2, grid_size=50), trace(H, 9)]:
+    local = spectral_density(H, num_steps=5, num_probes=2, grid_size=50, reorthogonalize="local")
+    for result in [lanczos(H, k=3), local, trace(H, 9)]:
         for suffix in (".json", ".npz"):
             path = result.save(tmp_path / f"r{suffix}")
             back = type(result).load(path)
@@ -310,6 +312,7 @@ def test_results_save_and_load(tmp_path):
                 else:
                     np.testing.assert_array_equal(np.asarray(value), np.asarray(got), err_msg=key)
     assert isinstance(back, TraceEstimate)
+    assert SpectralDensity.load(local.save(tmp_path / "d.json")).reorthogonalize == "local"
 
 
 def test_density_plot_has_log_axis():

@@ -402,7 +402,7 @@ def test_history_accessors(history, tmp_path):
     assert s.tolist() == steps and np.all(err >= 0)
     assert history.loss()[0].tolist() == steps and history.outlier_counts()[0].tolist() == steps
     d = history.density(4)
-    assert isinstance(d, SpectralDensity) and d.nodes.shape == (2, 20)
+    assert isinstance(d, SpectralDensity) and d.nodes.shape == (2, 20) and d.reorthogonalize == "full"
     with pytest.raises(HesslabError, match="step"):
         history.density(3)
     s, grid, D = history.density_map(grid_size=300)

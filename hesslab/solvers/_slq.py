@@ -37,6 +37,8 @@ class SpectralDensity(Result):
         density: (grid_size,) the smoothed density, normalised so Σ density·Δt = 1.
         sigma2: the Gaussian kernel's variance used (already scaled by the spectrum width).
         num_matvecs: operator products used (columns).
+        reorthogonalize: "full" or "local" (see :func:`spectral_density`); with "local",
+            nodes may hold duplicate copies of converged outliers sharing their weight.
     """
 
     nodes: np.ndarray
@@ -46,6 +48,7 @@ class SpectralDensity(Result):
     density: np.ndarray
     sigma2: float
     num_matvecs: int
+    reorthogonalize: str = "full"
 
     def moments(self, p: int) -> np.ndarray:
         """Σ_j ω_j ℓ_j^p per probe: equals vᵀ A^p v for p ≤ 2 m − 1."""
@@ -198,4 +201,5 @@ def spectral_density(
         x, w = gauss_quadrature(d.numpy(), e.numpy())
         nodes[i, : len(x)], weights[i, : len(w)] = x, w
     g, dens, var = smooth_density(nodes, weights, sigma2, grid_size, grid, counts=state.steps.cpu().numpy())
-    return SpectralDensity(nodes, weights, state.steps.cpu().numpy(), g, dens, var, op.num_matvecs - before)
+    return SpectralDensity(nodes, weights, state.steps.cpu().numpy(), g, dens, var, op.num_matvecs - before,
+                           reorthogonalize)
