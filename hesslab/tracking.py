@@ -53,7 +53,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from hesslab._results import Result
+from hesslab._results import Result, jsonable
 from hesslab.errors import HesslabError, require_subset
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -123,28 +123,6 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
 # ======================================================================================
 # JSON helpers
 # ======================================================================================
-
-
-def _to_json(value: Any) -> Any:
-    """Numpy/torch values to plain JSON; non-finite floats to None."""
-    if isinstance(value, Tensor):
-        value = value.detach().cpu().numpy()
-    if isinstance(value, np.ndarray):
-        if value.dtype == np.bool_:
-            return value.tolist()
-        if np.issubdtype(value.dtype, np.integer):
-            return value.tolist()
-        arr = value.astype(np.float64)
-        return _to_json(arr.tolist())
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): _to_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_to_json(v) for v in value]
-    return value
 
 
 def _floats(values: Any) -> np.ndarray:
@@ -419,7 +397,7 @@ class SpectrumTracker:
             "type": "record", "step": step, "measure": name, "time": time.time(),
             "seconds": time.perf_counter() - t0, "num_matvecs": 0 if H is None else H.num_matvecs - before, **payload,
         }
-        record = _to_json(record)
+        record = jsonable(record)
         self._append(record)
         out[name] = record
         return raw
@@ -559,7 +537,7 @@ def _describe_options(options: dict[str, Any]) -> dict[str, Any]:
             out[key] = list(value)
         else:
             out[key] = repr(value) if not isinstance(value, Tensor) else f"tensor{tuple(value.shape)}"
-    return _to_json(out)
+    return jsonable(out)
 
 
 # ======================================================================================
@@ -628,11 +606,11 @@ class TrackingHistory(Result):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "w", encoding="utf-8") as f:
-            f.write(json.dumps(_to_json(self.header), allow_nan=False) + "\n")
+            f.write(json.dumps(jsonable(self.header), allow_nan=False) + "\n")
             for rec in self.records:
                 for name, value in rec.items():
                     if name != "step":
-                        f.write(json.dumps(_to_json(value), allow_nan=False) + "\n")
+                        f.write(json.dumps(jsonable(value), allow_nan=False) + "\n")
         return path
 
     # ------------------------------------------------------------------- accessors

@@ -9,11 +9,11 @@ back into its class.
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 from pathlib import Path
 from typing import Any, Sequence
+
+from hesslab._results import jsonable
 
 __all__ = ["ResultStore", "load_results", "result_types", "format_table", "jsonable"]
 
@@ -108,32 +108,6 @@ def load_results(root: str | Path, prefer: str = "json") -> dict[str, Any]:
         key = prefer if prefer in entry else ("json" if "json" in entry else "npz")
         out[entry["name"]] = cls.load(root / entry[key])
     return out
-
-
-def jsonable(value: Any) -> Any:
-    """Plain JSON values (numpy/torch scalars and arrays to Python; NaN/Inf to None)."""
-    try:
-        import numpy as np
-        import torch
-    except ImportError:  # pragma: no cover
-        np = torch = None  # type: ignore[assignment]
-    if torch is not None and isinstance(value, torch.Tensor):
-        value = value.detach().cpu().numpy()
-    if np is not None and isinstance(value, np.ndarray):
-        return jsonable(value.tolist())
-    if np is not None and isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return jsonable(dataclasses.asdict(value))
-    if isinstance(value, Path):
-        return str(value)
-    return value
 
 
 def format_value(value: Any, exp_digits: int = 2) -> str:
