@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._results import jsonable
 from .errors import HesslabError
 
 __all__ = ["Budget", "DemoConfig", "ModelAnalysis", "KfacAnalysis", "Stages", "measure_model", "kfac_analysis",
@@ -216,13 +217,21 @@ def _measure(errors: dict[str, str], name: str, stages: Stages) -> Iterator[None
 
 def _record(summary: dict, label: str, a: "ModelAnalysis") -> None:
     """A model's headline numbers, errors and unavailable sections into the summary."""
-    from .report import jsonable
-
     summary["models"][label] = jsonable(a.numbers)
     if a.errors:
         summary["errors"][label] = a.errors
     if a.unavailable:
         summary["unavailable"][label] = a.unavailable
+
+
+def _record_kfac(summary: dict, label: str, ka: "KfacAnalysis") -> None:
+    """A model's per-layer Kronecker results, errors and unavailable parts into the summary."""
+    summary["kfac"][label] = jsonable({"layers": ka.layers, "skipped": ka.skipped})
+    if ka.errors:
+        summary["errors"][f"kfac {label}"] = ka.errors
+    if ka.unavailable:
+        summary["unavailable"][f"kfac {label}"] = ka.unavailable
+
 
 def measure_model(
     label: str,
@@ -600,7 +609,7 @@ def run_demo(
 def _run_demo(out: Path, quick: bool, seed: int, progress: bool | None, verbose: bool) -> dict[str, Any]:
     from . import zoo
     from ._version import __version__
-    from .report import ResultStore, jsonable
+    from .report import ResultStore
 
     cfg = DemoConfig.make(quick)
     out.mkdir(parents=True, exist_ok=True)
@@ -693,11 +702,7 @@ def _run_demo(out: Path, quick: bool, seed: int, progress: bool | None, verbose:
         ka = kfac_analysis(label, models[label], loss_fn, hess_data[kind], k=cfg.budget.layer_k, num_classes=10,
                            seed=seed, store=store, stages=stages)
         kfacs[label] = ka
-        summary["kfac"][label] = jsonable({"layers": ka.layers, "skipped": ka.skipped})
-        if ka.errors:
-            summary["errors"][f"kfac {label}"] = ka.errors
-        if ka.unavailable:
-            summary["unavailable"][f"kfac {label}"] = ka.unavailable
+        _record_kfac(summary, label, ka)
     seeds_overlap: dict[str, Any] = {}
     ov, ov_reason = _optional("hesslab.analysis.overlap", ("kfac_overlap", "overlap_curve"))
     seed_errors: dict[str, str] = {}
@@ -837,7 +842,7 @@ def run_analysis(
     """The demo's analyses on one given model; writes results, ``report.html`` and
     ``summary.json`` to ``out`` and returns the summary."""
     from ._version import __version__
-    from .report import ResultStore, jsonable
+    from .report import ResultStore
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -862,11 +867,7 @@ def run_analysis(
         ka = kfac_analysis(label, model, loss_fn, data, k=budget.layer_k, seed=seed, store=store, stages=stages,
                            loss_type=loss_type if not isinstance(loss_fn, (nn.CrossEntropyLoss, nn.MSELoss)) else None)
         kfacs[label] = ka
-        summary["kfac"][label] = jsonable({"layers": ka.layers, "skipped": ka.skipped})
-        if ka.errors:
-            summary["errors"][f"kfac {label}"] = ka.errors
-        if ka.unavailable:
-            summary["unavailable"][f"kfac {label}"] = ka.unavailable
+        _record_kfac(summary, label, ka)
     summary["results"] = store.entries
     headers, rows = _summary_rows(analyses, {})
     summary["table"] = {"headers": headers, "rows": jsonable(rows)}
