@@ -148,7 +148,7 @@ def _load(path: Path, fingerprint: str, rows_cap: int, coeff_cap: int, device: t
     b, rows, n = payload["Q"].shape  # rows = row(j) + 1, or j when the run filled its capacity
     Q = torch.zeros(b, max(rows_cap, rows), n, dtype=payload["Q"].dtype, device=device)
     Q[:, :rows] = payload["Q"].to(device)
-    cap = max(coeff_cap, rows, j)
+    cap = max(coeff_cap, rows)  # full: rows = j + 1; local: coeff_cap = max_steps
     alphas = torch.zeros(b, cap, dtype=torch.float64, device=device)
     betas = torch.zeros(b, cap, dtype=torch.float64, device=device)
     alphas[:, :j] = payload["alphas"].to(device)
