@@ -268,7 +268,7 @@ def _load_data(spec: str, device: Any, max_batches: int | None) -> tuple[Any, in
     """The batches from the loader factory, moved to ``device``: (data, number of batches)."""
     from torch import Tensor
 
-    from .linops._data import is_single_batch
+    from .linops import is_single_batch
 
     obj = _import_object(spec, "--data")
     if callable(obj) and not hasattr(obj, "__iter__"):
@@ -319,7 +319,7 @@ def _check_first_batch(model: Any, loss_fn: Any, data: Any) -> int:
     Returns the size of the model's last output dimension (the number of classes)."""
     import torch
 
-    from .linops._data import call_model, is_single_batch
+    from .linops import call_model, is_single_batch
 
     inputs, targets = data if is_single_batch(data) else data[0]
     training = model.training

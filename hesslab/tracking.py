@@ -472,7 +472,7 @@ class SpectrumTracker:
     # ------------------------------------------------------------------------ data
     def _data(self) -> Any:
         """``data`` on the model's device (single batches and lists of batches are moved)."""
-        from hesslab.linops._data import is_single_batch, map_inputs
+        from hesslab.linops import is_single_batch, map_inputs
 
         try:
             device = next(self.model.parameters()).device
@@ -486,7 +486,7 @@ class SpectrumTracker:
             return (map_inputs(inputs, lambda t: t.to(device)), targets.to(device))
 
         def on_device(batch: Any) -> bool:
-            from hesslab.linops._data import input_tensors
+            from hesslab.linops import input_tensors
 
             return all(t.device == device for t in (*input_tensors(batch[0]), batch[1]))
 

@@ -164,7 +164,7 @@ def _loss_name(loss_fn: Any) -> str | None:
 
 def _input_matrix(data: Any) -> Tensor | None:
     """The inputs of all batches stacked as an (N, d) float64 matrix, or None."""
-    from hesslab.linops._data import is_single_batch
+    from hesslab.linops import is_single_batch
 
     batches = [data] if is_single_batch(data) else list(data)
     xs = []

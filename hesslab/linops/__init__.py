@@ -8,6 +8,7 @@ vectors; parameters flattened row-major in ``named_parameters()`` order) and sup
 from __future__ import annotations
 
 from hesslab.linops._base import DenseOperator, LinearOperator
+from hesslab.linops._data import call_model, input_tensors, is_single_batch, map_inputs
 from hesslab.linops._curvature import GGN, CurvatureOperator, Hessian
 from hesslab.linops._kfac import KFAC, KFACFunction, KronFactors, SampleTerms, layer_hessian
 from hesslab.linops._params import select_parameters
@@ -28,4 +29,9 @@ __all__ = [
     "layer_hessian",
     # parameter selection
     "select_parameters",
+    # batches: (inputs, targets) pairs with tensor, tuple or dict inputs
+    "is_single_batch",
+    "input_tensors",
+    "map_inputs",
+    "call_model",
 ]
