@@ -4,6 +4,11 @@ Every solver and analysis returns a dataclass deriving from :class:`Result`. Arr
 (numpy or torch) are stored as numpy arrays; ``save`` writes JSON (arrays as lists)
 or NPZ (arrays kept binary, scalars in a JSON header) by the file's suffix, and
 ``load`` reads either back into the same class.
+
+Every subclass registers itself by its class name when it is defined
+(:meth:`Result.__init_subclass__`), so a file that names its type (``{"type":
+"EigenResult", ...}``) is read back by :func:`result_class` without importing modules by
+name; a module defining results (solvers, analyses, tracking) needs nothing else.
 """
 
 from __future__ import annotations
@@ -17,6 +22,9 @@ from typing import Any, TypeVar
 import numpy as np
 
 R = TypeVar("R", bound="Result")
+
+#: Every Result subclass defined so far, by class name (see :meth:`Result.__init_subclass__`).
+_REGISTRY: dict[str, type["Result"]] = {}
 
 
 def _plain(value: Any) -> Any:
@@ -91,6 +99,14 @@ def _from_json(value: Any) -> Any:
 class Result:
     """Mixin for hesslab's result dataclasses."""
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Register the subclass under its name. A class of another package (or a test)
+        with the name of one of hesslab's own does not replace it."""
+        super().__init_subclass__(**kwargs)
+        known = _REGISTRY.get(cls.__name__)
+        if known is None or not _is_own(known) or _is_own(cls):
+            _REGISTRY[cls.__name__] = cls
+
     def to_dict(self) -> dict[str, Any]:
         """Fields as a dict of Python scalars, strings and numpy arrays."""
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
@@ -129,3 +145,18 @@ class Result:
         else:
             data = json.loads(path.read_text())
         return cls.from_json(data)
+
+
+def _is_own(cls: type) -> bool:
+    return cls.__module__ == "hesslab" or cls.__module__.startswith("hesslab.")
+
+
+def result_types() -> dict[str, type[Result]]:
+    """Every registered result class, by name (those of hesslab's modules imported so far;
+    ``import hesslab`` imports all of them)."""
+    return dict(_REGISTRY)
+
+
+def result_class(name: str) -> type[Result] | None:
+    """The registered result class called ``name``, or None."""
+    return _REGISTRY.get(name)

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from hesslab._plotting import axes
 from hesslab._results import Result
-from hesslab.analysis.powerlaw import _as_float64_vector
+from hesslab.analysis.powerlaw import as_float64_vector
 from hesslab.errors import HesslabError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -489,7 +489,7 @@ def outliers(
     raw = density_or_eigenvalues
     if isinstance(raw, EigenResult):
         raw = raw.eigenvalues
-    lam = _as_float64_vector(raw)
+    lam = as_float64_vector(raw)
     pos = np.sort(lam[lam > 0])[::-1]
     if pos.size < window + 2:
         raise HesslabError(

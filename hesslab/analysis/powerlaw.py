@@ -25,7 +25,7 @@ from hesslab.errors import HesslabError
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.axes import Axes
 
-__all__ = ["PowerLawFit", "power_law_fit"]
+__all__ = ["PowerLawFit", "power_law_fit", "as_float64_vector"]
 
 #: Coefficient of the asymptotic two-sided KS critical value at α = 0.05: d_c = 1.36/√K.
 KS_COEFFICIENT_05 = 1.36
@@ -149,8 +149,14 @@ class PowerLawFit(Result):
         return ax
 
 
-def _as_float64_vector(eigenvalues: Any) -> np.ndarray:
-    """A 1-D float64 numpy copy of an array, tensor or sequence."""
+def as_float64_vector(eigenvalues: Any) -> np.ndarray:
+    """A 1-D float64 numpy copy of an array, tensor or sequence of real eigenvalues.
+
+    Shared by the analyses that take eigenvalues (power law, outliers).
+
+    Raises:
+        HesslabError: complex values, non-numbers, or not 1-D.
+    """
     try:
         import torch
 
@@ -232,7 +238,7 @@ def power_law_fit(eigenvalues: Any, k_max: int | None = None) -> PowerLawFit:
             integer ≥ 2, if fewer than 2 positive eigenvalues remain, or if the top K are
             all equal (the MLE is then infinite).
     """
-    lam = _as_float64_vector(eigenvalues)
+    lam = as_float64_vector(eigenvalues)
     if k_max is not None:
         if isinstance(k_max, bool) or not isinstance(k_max, (int, np.integer)):
             raise HesslabError(f"k_max: expected an int >= 2 or None, got {k_max!r} ({type(k_max).__name__})")

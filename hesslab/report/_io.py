@@ -14,34 +14,17 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from hesslab._results import jsonable
+from hesslab._results import result_types as registered_result_types
 
 __all__ = ["ResultStore", "load_results", "result_types", "format_table", "jsonable"]
 
 
 def result_types() -> dict[str, type]:
-    """Every result dataclass a run folder may hold, by class name."""
-    from hesslab.analysis import LinearRankPrediction, PowerLawFit, RankResult
-    from hesslab.solvers import EigenResult, SpectralDensity, TraceEstimate
+    """Every result dataclass a run folder may hold, by class name (the registry of
+    :class:`hesslab._results.Result` subclasses; importing ``hesslab`` defines them all)."""
+    import hesslab  # noqa: F401 - the package imports every module that defines a result
 
-    types: dict[str, type] = {c.__name__: c for c in (
-        EigenResult, SpectralDensity, TraceEstimate, PowerLawFit, RankResult, LinearRankPrediction)}
-    optional = [
-        ("hesslab.analysis.concentration", ("ConcentrationResult", "OutlierResult")),
-        ("hesslab.analysis.overlap", ("OverlapCurve", "LowRank", "DominantEigenvalues")),
-        ("hesslab.analysis.rank_report", ("RankReport",)),
-        ("hesslab.tracking", ("TrackingHistory",)),
-    ]
-    import importlib
-
-    for module, names in optional:
-        try:
-            mod = importlib.import_module(module)
-        except Exception:  # noqa: BLE001 - a module being rewritten must not break loading the rest
-            continue
-        for name in names:
-            if hasattr(mod, name):
-                types[name] = getattr(mod, name)
-    return types
+    return registered_result_types()
 
 
 class ResultStore:
