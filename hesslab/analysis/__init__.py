@@ -1,5 +1,14 @@
 """Analyses: results in, findings out (power laws, ranks, gradient concentration, outliers,
-eigenspace overlaps and low-rank eigenvectors)."""
+eigenspace overlaps and low-rank eigenvectors), and the one measurement pipeline
+(:func:`measure_spectrum`) that ``hesslab demo``, ``hesslab analyze`` and the tracker call.
+
+    powerlaw        power_law_fit (Xie et al.), as_float64_vector
+    rank            numerical_rank, linear_network_rank (Singh et al.)
+    rank_report     rank_report: measured ranks of H_L, H_O, H_F against the formulas
+    concentration   gradient_concentration, outliers (Ghorbani et al.)
+    overlap         eigenspace overlaps, low-rank eigenvectors, dominant eigenvalues (Wu et al.)
+    pipeline        measure_spectrum: loss → top-k → power law → concentration → density → trace
+"""
 
 from .concentration import ConcentrationResult, OutlierResult, gradient_concentration, outliers
 from .overlap import (
@@ -12,6 +21,7 @@ from .overlap import (
     kfac_overlap,
     overlap_curve,
 )
+from .pipeline import Measurements, measure_spectrum
 from .powerlaw import PowerLawFit, power_law_fit
 from .rank import LinearRankPrediction, RankResult, linear_network_rank, numerical_rank
 from .rank_report import RankReport, rank_report
@@ -20,5 +30,5 @@ __all__ = [
     "PowerLawFit", "power_law_fit", "RankResult", "numerical_rank", "LinearRankPrediction", "linear_network_rank",
     "RankReport", "rank_report", "ConcentrationResult", "gradient_concentration", "OutlierResult", "outliers",
     "eigenspace_overlap", "overlap_curve", "OverlapCurve", "eigenvector_low_rank", "LowRank", "dominant_eigenvalues",
-    "DominantEigenvalues", "kfac_overlap",
+    "DominantEigenvalues", "kfac_overlap", "measure_spectrum", "Measurements",
 ]
