@@ -349,15 +349,15 @@ def _check_first_batch(model: Any, loss_fn: Any, data: Any) -> int:
 
 
 def _parse_measures(text: str) -> list[str]:
-    from .demo import MEASURES
+    from .demo import ANALYZE_MEASURES
 
     items = [m.strip() for m in text.split(",") if m.strip()]
     if items == ["all"]:
-        return list(MEASURES)
-    unknown = [m for m in items if m not in MEASURES]
+        return list(ANALYZE_MEASURES)
+    unknown = [m for m in items if m not in ANALYZE_MEASURES]
     if unknown or not items:
         raise HesslabError(f"--measures: unknown measure(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
-                           f"choose a comma-separated subset of {','.join(MEASURES)} (or 'all')")
+                           f"choose a comma-separated subset of {','.join(ANALYZE_MEASURES)} (or 'all')")
     return list(dict.fromkeys(items))
 
 

@@ -161,7 +161,7 @@ def measure_spectrum(
         op: A symmetric operator (n, n), typically a :class:`hesslab.Hessian`; its
             ``loss()`` is recorded when it has one, its ``gradient()`` is used by the
             concentration.
-        measures: A non-empty subset of :data:`MEASURES`.
+        measures: A subset of :data:`MEASURES` (none: the loss only).
         k: The eigenspace of the gradient concentration; also the number of top
             eigenpairs when ``k_top`` is None.
         k_top: Top eigenpairs computed by Lanczos (at least ``k``, at most n − 1).
@@ -190,7 +190,7 @@ def measure_spectrum(
     Raises:
         HesslabError: ``measures`` is not a subset of :data:`MEASURES`.
     """
-    measures = require_subset("measures", measures, MEASURES)
+    measures = require_subset("measures", measures, MEASURES) if measures else ()
     options = {
         "lanczos": {**DEFAULTS["lanczos"], **(lanczos_options or {})},
         "density": {**DEFAULTS["density"], **(density_options or {})},
@@ -231,6 +231,7 @@ class _Run:
         self.on_record = on_record
         self.start = int(getattr(op, "num_matvecs", 0))
         self.out = Measurements(self.n, int(getattr(op, "num_data", 0) or 0))
+        self.parts: dict[str, Any] = {}  # results found along with a measure's own (its outliers)
 
     # ------------------------------------------------------------------ bookkeeping
     def attempt(self, name: str, fn: Callable[[], Any]) -> tuple[Any, str | None]:
@@ -251,6 +252,8 @@ class _Run:
         values, result = got if message is None else ({"error": message}, None)
         if result is not None:
             self.out.results[name] = result
+        self.out.results.update(self.parts)
+        self.parts = {}
         record = jsonable({"seconds": time.perf_counter() - t0, "num_matvecs": int(self.op.num_matvecs - m0),
                            **values})
         self.out.records[name] = record
@@ -276,7 +279,7 @@ class _Run:
         if int((np.asarray(top.eigenvalues) > 0).sum()) >= MIN_POSITIVE_FOR_OUTLIERS:
             o, message = self.attempt("outliers_top", lambda: outliers(top, **self.options["outliers"]))
             if o is not None:
-                self.out.results["outliers_top"] = o
+                self.parts["outliers_top"] = o
             values["outliers"] = _outlier_values(o) if o is not None else {"error": message}
         return values, top
 
@@ -325,7 +328,7 @@ class _Run:
         if o is None:
             values.update(negative_mass=None, outliers={"error": message})
         else:
-            self.out.results["outliers"] = o
+            self.parts["outliers"] = o
             values.update(negative_mass=o.negative_mass, outliers=_outlier_values(o))
         return values, d
 
