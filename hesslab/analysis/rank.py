@@ -312,6 +312,42 @@ def linear_network_rank(
         HesslabError: On invalid arguments, or when a requested part has no verified
             formula (``H_F``/``H_L`` with ``bias=True`` and L ≥ 3).
     """
+    widths, n, r, k_eff, parts = _checked_arguments(widths, num_samples, input_rank, loss, bias, parts)
+    hidden = widths[1:-1]
+    num_layers = len(widths) - 1
+    s = min(r, k_eff)
+    q = min([r, k_eff, *hidden])
+    num_params = sum(widths[i] * widths[i + 1] for i in range(num_layers))
+    if bias:
+        num_params += sum(widths[1:])
+    if bias:
+        rank_o, rank_f, rank_l = _ranks_with_bias(widths, n, r, k_eff, q, parts)
+    else:
+        rank_o = q * (r + k_eff - q)
+        if num_layers == 1:
+            rank_f, rank_l = 0, rank_o
+        else:
+            rank_f = 2 * q * sum(hidden) + 2 * q * s - num_layers * q * q
+            rank_l = 2 * q * sum(hidden) + q * (r + k_eff) - num_layers * q * q
+    return LinearRankPrediction(
+        rank_H_O=int(rank_o) if "H_O" in parts else None,
+        rank_H_F=int(rank_f) if ("H_F" in parts and rank_f is not None) else None,
+        rank_H_L=int(rank_l) if ("H_L" in parts and rank_l is not None) else None,
+        num_params=int(num_params),
+        r=int(r),
+        k_eff=int(k_eff),
+        s=int(s),
+        q=int(q),
+        widths=list(widths),
+        num_samples=int(n),
+        loss=loss,
+        bias=bool(bias),
+    )
+
+
+def _checked_arguments(widths: Any, num_samples: Any, input_rank: Any, loss: Any, bias: Any,
+                       parts: Sequence[str]) -> tuple[list[int], int, int, int, tuple[str, ...]]:
+    """:func:`linear_network_rank`'s arguments checked: ``(widths, N, r, K', parts)``."""
     if isinstance(widths, (str, bytes)) or not hasattr(widths, "__len__"):
         raise HesslabError(f"widths: expected a list [d, M_1, ..., M_(L-1), K] of positive ints, got {widths!r}")
     widths = [_check_positive_int(f"widths[{i}]", w) for i, w in enumerate(widths)]
@@ -327,8 +363,6 @@ def linear_network_rank(
         raise HesslabError(f"bias: expected True or False, got {bias!r}")
     parts = require_subset("parts", parts, _PARTS)
     d, k_out = widths[0], widths[-1]
-    hidden = widths[1:-1]
-    num_layers = len(widths) - 1
     if input_rank is None:
         r = min(d, n)
     else:
@@ -340,63 +374,34 @@ def linear_network_rank(
     if loss == "cross_entropy":
         if k_out < 2:
             raise HesslabError(f"widths[-1]: cross_entropy needs K >= 2 classes, got K = {k_out}")
-        k_eff = k_out - 1
-    else:
-        k_eff = k_out
+        return widths, n, r, k_out - 1, parts
+    return widths, n, r, k_out, parts
 
-    s = min(r, k_eff)
-    q = min([r, k_eff, *hidden])
-    sum_m = sum(hidden)
-    num_params = sum(widths[i] * widths[i + 1] for i in range(num_layers))
-    if bias:
-        num_params += sum(widths[1:])
 
-    rank_o: int
-    rank_f: int | None
-    rank_l: int | None
-    if not bias:
-        rank_o = q * (r + k_eff - q)
-        if num_layers == 1:
-            rank_f, rank_l = 0, rank_o
-        else:
-            rank_f = 2 * q * sum_m + 2 * q * s - num_layers * q * q
-            rank_l = 2 * q * sum_m + q * (r + k_eff) - num_layers * q * q
+def _ranks_with_bias(widths: list[int], n: int, r: int, k_eff: int, q: int,
+                     parts: tuple[str, ...]) -> tuple[int, int | None, int | None]:
+    """``(rank H_O, rank H_F, rank H_L)`` with a bias in every layer (see
+    :func:`linear_network_rank`); H_F and H_L are None for L >= 3 when not asked for."""
+    num_layers = len(widths) - 1
+    r_aug = min(r + 1, n)  # rank of [X; 1ᵀ] for generic data
+    if r_aug == r + 1:
+        rank_o = q * (r + k_eff - q) + k_eff
     else:
-        r_aug = min(r + 1, n)  # rank of [X; 1ᵀ] for generic data
-        if r_aug == r + 1:
-            rank_o = q * (r + k_eff - q) + k_eff
-        else:
-            rank_o = q * r + (k_eff - q) * min(q + 1, r)
-        if num_layers == 1:
-            rank_f, rank_l = 0, rank_o
-        elif num_layers == 2:
-            m1 = hidden[0]
-            s_aug = min(r_aug, k_eff)
-            q_aug = min(r_aug, k_eff, m1)
-            rank_f = 2 * s_aug * m1
-            rank_l = 2 * q_aug * m1 + q_aug * (r_aug + k_eff) - 2 * q_aug * q_aug
-            rank_l += k_eff if q_aug < r_aug else r_aug
-        else:
-            missing = [p for p in parts if p in ("H_F", "H_L")]
-            if missing:
-                raise HesslabError(
-                    f"bias: with biases and L = {num_layers} weight matrices, hesslab has no verified formula for "
-                    f"rank {' and rank '.join(missing)} (only for L <= 2; rank H_O is known for every L); pass "
-                    "parts=('H_O',) to get rank H_O alone, or measure the others with numerical_rank on the "
-                    "dense Hessian"
-                )
-            rank_f = rank_l = None
-    return LinearRankPrediction(
-        rank_H_O=int(rank_o) if "H_O" in parts else None,
-        rank_H_F=int(rank_f) if ("H_F" in parts and rank_f is not None) else None,
-        rank_H_L=int(rank_l) if ("H_L" in parts and rank_l is not None) else None,
-        num_params=int(num_params),
-        r=int(r),
-        k_eff=int(k_eff),
-        s=int(s),
-        q=int(q),
-        widths=list(widths),
-        num_samples=int(n),
-        loss=loss,
-        bias=bool(bias),
-    )
+        rank_o = q * r + (k_eff - q) * min(q + 1, r)
+    if num_layers == 1:
+        return rank_o, 0, rank_o
+    if num_layers == 2:
+        m1 = widths[1]
+        s_aug = min(r_aug, k_eff)
+        q_aug = min(r_aug, k_eff, m1)
+        rank_l = 2 * q_aug * m1 + q_aug * (r_aug + k_eff) - 2 * q_aug * q_aug
+        return rank_o, 2 * s_aug * m1, rank_l + (k_eff if q_aug < r_aug else r_aug)
+    missing = [p for p in parts if p in ("H_F", "H_L")]
+    if missing:
+        raise HesslabError(
+            f"bias: with biases and L = {num_layers} weight matrices, hesslab has no verified formula for "
+            f"rank {' and rank '.join(missing)} (only for L <= 2; rank H_O is known for every L); pass "
+            "parts=('H_O',) to get rank H_O alone, or measure the others with numerical_rank on the "
+            "dense Hessian"
+        )
+    return rank_o, None, None
