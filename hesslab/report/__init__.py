@@ -1,4 +1,6 @@
-"""Reports: plots (matplotlib, no pyplot state) and a self-contained HTML page.
+"""Reports, generic: plots of result objects (matplotlib, no pyplot state), a
+self-contained HTML page of sections, and run folders (``ResultStore``, ``load_results``).
+The report knows nothing of papers; the demo's paper sections are :mod:`hesslab.demo.sections`.
 
     from hesslab.report import Report, plots, load_results
     rep = Report("My model")
