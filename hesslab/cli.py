@@ -2,7 +2,8 @@
 
 Exit codes: 0 success, 2 bad arguments (argparse), 3 an input error (the message names the
 option: a factory that cannot be imported, a checkpoint that does not match the model,
-data the model cannot run on, an unknown measure or loss), 1 anything else (including a
+data the model cannot run on, an unknown measure or loss, an ``--out`` that is a file or
+cannot be written, a negative ``--threads``), 1 anything else (including a
 measure that failed during the run; everything else is still written).
 
 With ``--json`` the results go to stdout as one JSON object and every log line, progress
@@ -427,6 +428,33 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _check_out(text: str) -> None:
+    """``--out`` must be a folder that exists or can be created, and be writable, before
+    any work starts (the run writes everything there)."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise HesslabError(f"--out: {text!r} is a file, not a folder; give a folder (created when missing)")
+    existing = path
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise HesslabError(f"--out: {text!r} cannot be created: {str(existing)!r} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise HesslabError(f"--out: {text!r} is not writable here (no write permission in {str(existing)!r}); "
+                           "give a folder you can write to")
+
+
+def _check_common(args: argparse.Namespace) -> None:
+    """The options several commands share (``--out``, ``--threads``), checked before any work."""
+    if getattr(args, "threads", None) is not None and args.threads < 0:
+        raise HesslabError(f"--threads: expected 0 (torch's default) or a positive number of threads, "
+                           f"got {args.threads}")
+    if getattr(args, "out", None) is not None:
+        _check_out(args.out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hesslab", description="Hessian spectra of PyTorch models.",
@@ -500,6 +528,7 @@ def main(argv: list[str] | None = None) -> int:
         print("hesslab: error: --label: use letters, digits, '_', '-', '.'", file=sys.stderr)
         return EXIT_INPUT_ERROR
     try:
+        _check_common(args)
         return args.func(args)
     except HesslabError as exc:
         print(f"hesslab: error: {exc}", file=sys.stderr)

@@ -245,6 +245,39 @@ def test_console_script_exit_code_and_streams(tmp_path):
     assert "(16, 5)" in proc.stderr  # the shape it got
 
 
+def _cli(args, cwd=ROOT, timeout=120):
+    script = Path(sys.executable).with_name("hesslab")
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "hesslab"]
+    return subprocess.run(cmd + [str(a) for a in args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+SHARED_OPTIONS = {
+    "demo --out a file": (["demo", "--quick", "--out", "FILE"], "--out", "is a file"),
+    "demo --out under a file": (["demo", "--quick", "--out", "FILE/sub"], "--out", "cannot be created"),
+    "demo --threads -3": (["demo", "--quick", "--threads", "-3", "--out", "DIR"], "--threads", "-3"),
+    "analyze --out a file": (["analyze", "--model", f"{FIX}:tiny_mlp", "--data", f"{FIX}:loader", "--out", "FILE"],
+                             "--out", "is a file"),
+    "analyze --out under a file": (["analyze", "--model", f"{FIX}:tiny_mlp", "--data", f"{FIX}:loader",
+                                    "--out", "FILE/sub/deeper"], "--out", "cannot be created"),
+    "analyze --threads -3": (["analyze", "--model", f"{FIX}:tiny_mlp", "--data", f"{FIX}:loader", "--threads", "-3",
+                              "--out", "DIR"], "--threads", "-3"),
+}
+
+
+@pytest.mark.parametrize("case", list(SHARED_OPTIONS))
+def test_shared_options_exit_3_without_traceback(case, tmp_path):
+    args, option, words = SHARED_OPTIONS[case]
+    file = tmp_path / "file.txt"
+    file.write_text("not a folder")
+    args = [a.replace("FILE", str(file)).replace("DIR", str(tmp_path / "run")) for a in args]
+    proc = _cli(args)
+    assert proc.returncode == 3, (case, proc.stderr[-2000:])
+    assert proc.stderr.startswith("hesslab: error: " + option), (case, proc.stderr)
+    assert words in proc.stderr and "Traceback" not in proc.stderr, (case, proc.stderr)
+    assert proc.stdout == ""
+    assert file.read_text() == "not a folder" and not (tmp_path / "run").exists()
+
+
 # ======================================================================================
 # parts that another module provides: "not available", not a crash
 # ======================================================================================
