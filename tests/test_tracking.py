@@ -459,3 +459,61 @@ def test_bad_arguments(tmp_path):
     with pytest.raises(HesslabError, match="step_index"):
         tracker.step(1.5)
     assert math.isclose(tracker.every, 1)
+
+
+# --------------------------------------------------------------------------------------
+# The measurement pipeline the tracker shares with hesslab demo and analyze
+# --------------------------------------------------------------------------------------
+
+
+def test_pipeline_defaults_records_and_numbers(tmp_path):
+    from hesslab.analysis.pipeline import DEFAULTS, measure_spectrum
+    from hesslab.demo import Budget
+    from hesslab.linops import Hessian
+
+    model, data = problem(seed=12)
+    H = Hessian(model, CE, data)
+    seen = []
+    found = measure_spectrum(H, MEASURES, k=4, outlier_options={"window": 4},
+                             on_record=lambda name, rec, res: seen.append(name))
+    assert seen == list(found.records) == ["loss", "top_k", "power_law", "concentration", "density", "trace"]
+    assert not found.errors
+    n = 51
+    d, t = found.results["density"], found.results["trace"]
+    # one set of defaults: SLQ steps capped at n, 8 probes, the demo's grid; Hutch++ with 99 products
+    assert d.nodes.shape == (DEFAULTS["density"]["num_probes"], min(DEFAULTS["density"]["num_steps"], n))
+    assert d.grid.size == DEFAULTS["density"]["grid_size"] and t.method == "hutch++" and t.num_matvecs == 99
+    budget = Budget()
+    assert (budget.slq_steps, budget.slq_probes, budget.density_grid, budget.trace_matvecs, budget.lanczos_tol) == (
+        80, 8, 4000, 99, 1e-6)
+    # the tracker writes the same records, with the same values
+    tracker = SpectrumTracker(model, CE, data, path=tmp_path / "s.jsonl", k=4, outlier_options={"window": 4})
+    written = tracker.measure(0)
+    for name, rec in found.records.items():
+        for key, value in rec.items():
+            if key not in ("seconds",):
+                assert written[name][key] == value, (name, key)
+    assert tracker.history().header["defaults"]["density"]["grid_size"] == 4000
+    nb = found.numbers()
+    assert nb["lambda_1"] == pytest.approx(found.records["top_k"]["eigenvalues"][0])
+    assert nb["trace"] == found.records["trace"]["value"] and nb["hessian_matvecs"] == found.num_matvecs > 0
+    assert json.dumps(nb, allow_nan=False)
+
+
+def test_pipeline_failures_are_recorded_or_raised():
+    from hesslab.analysis.pipeline import measure_spectrum
+    from hesslab.linops import Hessian
+
+    model, data = problem(seed=13)
+    H = Hessian(model, CE, data)
+    found = measure_spectrum(H, ("top_k", "power_law", "concentration", "trace"), k=3,
+                             lanczos_options={"max_steps": 0}, trace_options={"num_matvecs": 1})
+    assert set(found.errors) == {"top_k", "power_law", "concentration", "trace"}
+    assert "see top_k" in found.errors["power_law"] and "num_matvecs" in found.errors["trace"]
+    assert all(found.records[m]["error"] == found.errors[m] for m in found.errors)
+    assert "value" in found.records["loss"] and not found.results
+    with pytest.raises(HesslabError, match="num_matvecs"):
+        measure_spectrum(H, ("trace",), trace_options={"num_matvecs": 1},
+                         on_error=lambda name, exc: (_ for _ in ()).throw(exc))
+    with pytest.raises(HesslabError, match="measures"):
+        measure_spectrum(H, ("top_k", "hessian"))

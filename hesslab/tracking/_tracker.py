@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from hesslab._results import jsonable
-from hesslab.analysis.pipeline import MEASURES
+from hesslab.analysis.pipeline import DEFAULTS, MEASURES
 from hesslab.errors import HesslabError, require_subset
 from hesslab.tracking._history import TrackingHistory
 from hesslab.tracking._state import preserved_state
@@ -168,6 +168,7 @@ class SpectrumTracker:
                 "trace": _describe_options(self.trace_options),
                 "outliers": _describe_options(self.outlier_options),
             },
+            "defaults": DEFAULTS,  # what the options above override (the pipeline's)
         })
 
     # ------------------------------------------------------------------- entry points
