@@ -158,9 +158,9 @@ def measure_spectrum(
     concentration → density (+ outliers) → trace, each only when asked for or needed.
 
     Args:
-        op: A symmetric operator (n, n), typically a :class:`hesslab.Hessian`; its
-            ``loss()`` is recorded when it has one, its ``gradient()`` is used by the
-            concentration.
+        op: A symmetric :class:`hesslab.LinearOperator` (n, n), typically a
+            :class:`hesslab.Hessian`; its ``loss()`` is recorded when it has one, its
+            ``gradient()`` is used by the concentration.
         measures: A subset of :data:`MEASURES` (none: the loss only).
         k: The eigenspace of the gradient concentration; also the number of top
             eigenpairs when ``k_top`` is None.
@@ -229,7 +229,7 @@ class _Run:
         self.stage = stage or (lambda what: contextlib.nullcontext())
         self.on_error = on_error
         self.on_record = on_record
-        self.start = int(getattr(op, "num_matvecs", 0))
+        self.start = int(op.num_matvecs)
         self.out = Measurements(self.n, int(getattr(op, "num_data", 0) or 0))
         self.parts: dict[str, Any] = {}  # results found along with a measure's own (its outliers)
 
