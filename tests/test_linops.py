@@ -120,6 +120,61 @@ def test_hessian_column_modes_agree():
         assert_close(H @ V, H_ref @ V)  # second product: graph kept, mode decided
 
 
+def test_column_mode_is_a_rule_and_identical_calls_give_identical_bits():
+    """``batched_columns="auto"`` is decided at construction by the device, never by a
+    timing: on the CPU the loop over the kept graph. Two identical operators applied to
+    the same block (as spectral_density's probes are) give the same bits."""
+    model = cnn()
+    X, y = image_data(12)
+    V = torch.randn(sum(p.numel() for p in model.parameters()), 8,
+                    generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    H1 = Hessian(model, CE, (X, y))
+    assert H1.column_mode == "loop" and H1.column_fallback is None  # CPU rule, before any product
+    assert Hessian(model, CE, (X, y), batched_columns=True).column_mode == "batched"
+    H2 = Hessian(model, CE, (X, y))
+    first = H1 @ V
+    assert H1.column_mode == "loop"
+    assert torch.equal(first, H2 @ V)
+    assert torch.equal(first, H1 @ V)
+    G1, G2 = GGN(model, CE, (X, y)), GGN(model, CE, (X, y))
+    assert torch.equal(G1 @ V, G2 @ V)
+
+
+class _NoBatchingRule(torch.autograd.Function):
+    """x ↦ x³ with a custom backward and no vmap rule: is_grads_batched cannot run it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x**3
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        if bool(torch.isnan(g).any()):  # data-dependent control flow: vmap refuses it
+            raise ValueError("NaN cotangent")
+        return 3 * x * x * g
+
+
+def test_batched_columns_fall_back_on_the_loop_once_and_say_why():
+    class Cubic(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 3).double()
+
+        def forward(self, x: Tensor) -> Tensor:
+            return _NoBatchingRule.apply(self.lin(x))
+
+    model = Cubic()
+    X, y = _data()
+    ref = Hessian(model, CE, (X, y), batched_columns=False)
+    H = Hessian(model, CE, (X, y), batched_columns=True)
+    assert H.column_mode == "batched"
+    V = torch.randn(H.shape[0], 3, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    assert_close(H @ V, ref @ V)
+    assert H.column_mode == "loop" and H.column_fallback
+
+
 def test_to_dense_and_hvp_path():
     model = mlp()
     X, y = classification_data(20)
