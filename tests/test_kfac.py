@@ -1,4 +1,4 @@
-"""Tests of the Kronecker-factored layer Hessians (hesslab.linops._kfac) and the overlap
+"""Tests of the Kronecker-factored layer Hessians (hesslab.linops.kfac) and the overlap
 analyses (hesslab.analysis.overlap), in float64 against dense oracles from torch.func.
 
 The oracle for a layer block is ``torch.func.hessian`` of the full-data mean loss as a
@@ -30,7 +30,7 @@ from hesslab.analysis.overlap import (
 )
 from hesslab.errors import HesslabError
 from hesslab.linops import Hessian, LinearOperator
-from hesslab.linops._kfac import KFAC, KronFactors, layer_hessian
+from hesslab.linops import KFAC, KronFactors, layer_hessian
 from tests.models import classification_data, mlp, regression_data
 
 CE = nn.CrossEntropyLoss()

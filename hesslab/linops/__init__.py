@@ -10,7 +10,7 @@ from __future__ import annotations
 from hesslab.linops._base import DenseOperator, LinearOperator
 from hesslab.linops._data import call_model, input_tensors, is_single_batch, map_inputs
 from hesslab.linops._curvature import GGN, CurvatureOperator, Hessian
-from hesslab.linops._kfac import KFAC, KFACFunction, KronFactors, SampleTerms, layer_hessian
+from hesslab.linops.kfac import KFAC, KFACFunction, KronFactors, SampleTerms, layer_hessian
 from hesslab.linops._params import select_parameters
 
 __all__ = [

@@ -277,11 +277,15 @@ class ModelData:
             if self.single and self._single_cache is not None:
                 inputs, targets = self._single_cache
             else:
-                check_devices(inputs, targets, self.device, index)
-                inputs, targets = cast_batch(inputs, targets, self.cast_dtype)
+                inputs, targets = self.prepare(inputs, targets, index)
                 if self.single:
                     self._single_cache = (inputs, targets)
             yield index, inputs, targets, size
+
+    def prepare(self, inputs: Any, targets: Tensor, index: int) -> tuple[Any, Tensor]:
+        """Check that batch ``index`` is on the operator's device; cast it to ``dtype=``."""
+        check_devices(inputs, targets, self.device, index)
+        return cast_batch(inputs, targets, self.cast_dtype)
 
     def first_batch(self) -> tuple[int, Any, Tensor, int]:
         """``(index, inputs, targets, n_k)`` of the first non-empty batch."""
