@@ -635,3 +635,35 @@ def test_numpy_scalars_scale_operators_and_empty_blocks():
     assert_close((np.float64(2.0) * H) @ v, 2 * (H @ v))
     assert_close((H * torch.tensor(3.0)) @ v, 3 * (H @ v))
     assert (H @ torch.zeros(H.shape[0], 0)).shape == (H.shape[0], 0)
+
+
+def test_permutation_and_chain_operators_compose_p_k_pt():
+    from hesslab.linops._base import ChainOperator, PermutationOperator
+
+    g = torch.Generator().manual_seed(6)
+    n = 7
+    perm = torch.randperm(n, generator=g)
+    P = PermutationOperator(perm, torch.float64)
+    Pd = torch.zeros(n, n, dtype=torch.float64)
+    Pd[perm, torch.arange(n)] = 1  # (P v)[perm[i]] = v[i]
+    assert_close(P.to_dense(), Pd)
+    assert_close(P.T.to_dense(), Pd.T)
+    M = torch.randn(n, n, generator=g, dtype=torch.float64)
+    K = DenseOperator(M + M.T)
+    chain = ChainOperator([P, K, P.T])
+    assert_close(chain.to_dense(), Pd @ (M + M.T) @ Pd.T)
+    assert torch.equal(PermutationOperator(torch.arange(n), torch.float64).to_dense(),
+                       torch.eye(n, dtype=torch.float64))
+    with pytest.raises(HesslabError, match="ops"):
+        ChainOperator([])
+    with pytest.raises(HesslabError, match="shape"):
+        ChainOperator([K, PermutationOperator(torch.arange(n + 1), torch.float64)])
+
+
+def test_collectives_without_a_process_group_are_local():
+    from hesslab.linops._model import all_reduce_sum_, any_rank, distributed_active, global_count
+
+    assert not distributed_active()
+    t = torch.ones(3)
+    assert all_reduce_sum_(t) is t and torch.equal(t, torch.ones(3))
+    assert global_count(5) == 5 and any_rank(True) and not any_rank(False)
