@@ -651,3 +651,14 @@ def test_layer_rules_and_layout_permutation():
     assert aug.shape == (4, 1, 19) and torch.all(aug[..., -1] == 1)
     perm = layer_perm(2, 3, True)  # W̃ (2, 4) row-major -> [W (2·3), b (2)]
     assert perm.tolist() == [0, 1, 2, 6, 3, 4, 5, 7]
+
+
+def test_kfac_first_batch_mistakes():
+    model = mlp(4, (6,), 3)
+    X, y = classification_data(6, 4, 3)
+    with pytest.raises(HesslabError, match=r"data.*\(6, 5\).*4 input features"):
+        KFAC(model, CE, (torch.randn(6, 5, dtype=torch.float64), y))
+    with pytest.raises(HesslabError, match="data.*float16"):
+        KFAC(model, CE, (X.half(), y))
+    with pytest.raises(HesslabError, match="loss_fn.*differentiabl"):
+        KFAC(model, lambda o, t: F.cross_entropy(o.detach(), t), (X, y), loss_type="cross_entropy")

@@ -667,3 +667,35 @@ def test_collectives_without_a_process_group_are_local():
     t = torch.ones(3)
     assert all_reduce_sum_(t) is t and torch.equal(t, torch.ones(3))
     assert global_count(5) == 5 and any_rank(True) and not any_rank(False)
+
+
+# ------------------------------------------------ data mistakes caught at the first batch
+def test_first_batch_data_mistakes_name_the_argument_and_the_fix():
+    X, y = _data()  # 20 samples, 4 features, float64
+    with pytest.raises(HesslabError, match=r"data.*first batch.*\(20, 5\).*'0' expects 4 input features"):
+        Hessian(mlp(), CE, (torch.randn(20, 5, dtype=torch.float64), y))
+    for half in (torch.float16, torch.bfloat16):
+        with pytest.raises(HesslabError, match=rf"data.*inputs.*{str(half).split('.')[1]}.*dtype=torch.float32"):
+            Hessian(mlp(), CE, (X.to(half), y))
+    assert Hessian(mlp(), CE, (X.float(), y), dtype=torch.float64).dtype == torch.float64  # cast data
+    with pytest.raises(HesslabError, match=r"data.*cross-entropy.*targets.long\(\)"):
+        GGN(mlp(), CE, (X, y.double()))
+    with pytest.raises(HesslabError, match="data.*20 outputs.*19 targets"):
+        Hessian(mlp(), CE, (X, y[:19]))
+    with pytest.raises(HesslabError, match="data.*MSE.*broadcasting"):
+        Hessian(mlp(), nn.MSELoss(), (X, torch.zeros(20, dtype=torch.float64)))
+
+
+def test_a_loss_without_derivatives_gets_a_hesslab_message():
+    X, y = _data()
+
+    def detached(out, t):
+        return CE(out.detach(), t)
+
+    def accuracy(out, t):
+        return (out.argmax(1) == t).double().mean()
+
+    for loss_fn in (detached, accuracy):
+        for op in (Hessian, GGN):
+            with pytest.raises(HesslabError, match="loss_fn.*differentiabl"):
+                op(mlp(), loss_fn, (X, y))

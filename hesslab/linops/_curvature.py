@@ -270,8 +270,10 @@ class CurvatureOperator(LinearOperator):
         index, inputs, targets, _ = self._md.first_batch()
         with torch.no_grad(), self._md.model_mode():
             selected, others = self._tensors()
-            out = self._check_output(self._forward({**others, **selected}, inputs))
+            out = self._check_output(self._md.forward({**others, **selected}, inputs, first=True))
+            self._md.check_targets(out, targets, index)
             loss = self._loss(out, targets)
+        self._md.check_differentiable(out, targets)
         if not loss.is_floating_point():
             raise HesslabError(f"loss_fn: returned a {loss.dtype} loss; expected a floating scalar")
         if not bool(torch.isfinite(loss)):

@@ -31,11 +31,14 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from hesslab.errors import HesslabError
 from hesslab.linops._data import DataSource, call_model, cast_batch, check_devices, input_tensors
+
+_HALF = (torch.float16, torch.bfloat16)
 
 __all__ = [
     "ModelData",
@@ -234,8 +237,15 @@ class ModelData:
                 full[k] = full[k].clone()
         return full
 
-    def forward(self, tensors: dict[str, Tensor], inputs: Any) -> Any:
-        """The model's output with ``tensors`` substituted for its parameters and buffers."""
+    def forward(self, tensors: dict[str, Tensor], inputs: Any, first: bool = False) -> Any:
+        """The model's output with ``tensors`` substituted for its parameters and buffers.
+
+        Args:
+            tensors: Parameters and buffers by name (see :meth:`tensors`).
+            inputs: A batch's inputs.
+            first: This is the first batch: a failure of the model becomes a
+                :class:`HesslabError` about the data's shapes (the usual cause).
+        """
         try:
             return call_model(lambda *a, **k: functional_call(self.model, tensors, a, k), inputs)
         except RuntimeError as err:
@@ -248,7 +258,66 @@ class ModelData:
                     "inputs (e.g. a Linear or Conv layer first), convert them, e.g. "
                     f"inputs.float() or inputs.to({self.dtype}). Original error: {err}"
                 ) from err
+            if first:
+                shapes = ", ".join(str(tuple(t.shape)) for t in input_tensors(inputs))
+                raise HesslabError(
+                    f"data: the model fails on the first batch's inputs of shape {shapes}"
+                    f"{_first_layer_hint(self.model)}; check that the inputs have the width (and "
+                    f"layout) the model expects. Original error: {str(err).splitlines()[0]}"
+                ) from err
             raise
+
+    def check_differentiable(self, out: Any, targets: Tensor) -> None:
+        """Raise unless ``loss_fn`` is differentiable in the output (one tensor output only).
+
+        A loss computed through ``.detach()``, ``.item()``, ``argmax`` or an integer cast
+        has no derivative for hesslab to take; autograd would only say "element 0 of
+        tensors does not require grad".
+        """
+        if not isinstance(out, Tensor) or not out.is_floating_point():
+            return
+        with torch.enable_grad():
+            z = out.detach().requires_grad_(True)
+            loss = self.loss(z, targets)
+        if not loss.requires_grad:
+            name = getattr(self.loss_fn, "__name__", type(self.loss_fn).__name__)
+            raise HesslabError(
+                f"loss_fn: {name} does not depend differentiably on the model's output (it is "
+                "computed through .detach(), .item(), argmax, an integer cast or torch.no_grad), "
+                "so it has no derivatives to take. hesslab differentiates loss_fn(output, "
+                "targets) twice: compute the loss from the output with differentiable torch ops."
+            )
+
+    def check_targets(self, out: Any, targets: Tensor, index: int) -> None:
+        """Catch data mistakes a loss would hide or report obscurely, on one batch.
+
+        Raises:
+            HesslabError: outputs and targets of different lengths; float targets of
+                class-index shape with cross-entropy; MSE targets of another shape than
+                the outputs (broadcasting would compare every output with every target).
+        """
+        if not isinstance(out, Tensor) or out.dim() < 1:
+            return
+        if targets.dim() >= 1 and out.shape[0] != targets.shape[0]:
+            raise HesslabError(
+                f"data: batch {index} gives {out.shape[0]} outputs (shape {tuple(out.shape)}) but "
+                f"has {targets.shape[0]} targets (shape {tuple(targets.shape)}); inputs and "
+                "targets must hold the same samples along their first dimension"
+            )
+        fn = self.loss_fn
+        if isinstance(fn, nn.CrossEntropyLoss) or fn is F.cross_entropy:
+            if targets.is_floating_point() and targets.dim() == out.dim() - 1:
+                raise HesslabError(
+                    f"data: cross-entropy got floating targets of shape {tuple(targets.shape)} "
+                    "(class indices); class indices must be integers: pass targets.long() "
+                    "(floating targets must be class probabilities of the output's shape)"
+                )
+        elif (isinstance(fn, nn.MSELoss) or fn is F.mse_loss) and targets.shape != out.shape:
+            raise HesslabError(
+                f"data: MSE targets of shape {tuple(targets.shape)} against outputs of shape "
+                f"{tuple(out.shape)}: broadcasting would compare every output with every target. "
+                "Give the targets the outputs' shape (e.g. targets.view_as(outputs))."
+            )
 
     def loss(self, output: Any, targets: Tensor) -> Tensor:
         """``loss_fn(output, targets)`` checked to be a scalar; shape ()."""
@@ -283,9 +352,24 @@ class ModelData:
             yield index, inputs, targets, size
 
     def prepare(self, inputs: Any, targets: Tensor, index: int) -> tuple[Any, Tensor]:
-        """Check that batch ``index`` is on the operator's device; cast it to ``dtype=``."""
+        """Check that batch ``index`` is on the operator's device; cast it to ``dtype=``.
+
+        Raises:
+            HesslabError: a tensor on another device, or half-precision data left uncast.
+        """
         check_devices(inputs, targets, self.device, index)
-        return cast_batch(inputs, targets, self.cast_dtype)
+        inputs, targets = cast_batch(inputs, targets, self.cast_dtype)
+        for what, tensors in (("inputs", input_tensors(inputs)), ("targets", [targets])):
+            low = [t.dtype for t in tensors if t.dtype in _HALF]
+            if low:
+                raise HesslabError(
+                    f"data: the {what} of batch {index} are {low[0]}; second derivatives in half "
+                    "precision keep too few digits to be trusted (and with parameters of another "
+                    "dtype the model fails). Pass dtype=torch.float32 (or torch.float64), which "
+                    "casts the data and a copy of the parameters, or convert the data with "
+                    f"{what}.float()."
+                )
+        return inputs, targets
 
     def first_batch(self) -> tuple[int, Any, Tensor, int]:
         """``(index, inputs, targets, n_k)`` of the first non-empty batch."""
@@ -340,6 +424,16 @@ class ModelData:
             "fix the batches (a list of tensors, no augmentation), or pass "
             "check_deterministic=False to accept a random operator."
         )
+
+
+def _first_layer_hint(model: nn.Module) -> str:
+    """A hint naming the model's first Linear or convolution and the width it expects, or ""."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            return f" (its first Linear layer {name!r} expects {m.in_features} input features)"
+        if isinstance(m, nn.modules.conv._ConvNd):
+            return f" (its first convolution {name!r} expects {m.in_channels} input channels)"
+    return ""
 
 
 def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:

@@ -162,11 +162,12 @@ class KFACComputer:
         handles = [lay.module.register_forward_hook(make_hook(lay), with_kwargs=True) for lay in self.layers]
         try:
             with torch.no_grad(), self.md.model_mode():
-                out = self.md.forward(self.md.tensors(), inputs)
+                out = self.md.forward(self.md.tensors(), inputs, first=True)
         finally:
             for h in handles:
                 h.remove()
         check_output(self.loss, self.md.loss_fn, out, targets, first=True)
+        self.md.check_differentiable(out, targets)
         kept = []
         for lay in self.layers:
             c = calls[lay.name]
