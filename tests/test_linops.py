@@ -699,3 +699,39 @@ def test_a_loss_without_derivatives_gets_a_hesslab_message():
         for op in (Hessian, GGN):
             with pytest.raises(HesslabError, match="loss_fn.*differentiabl"):
                 op(mlp(), loss_fn, (X, y))
+
+
+class _OnceDifferentiableSquare(torch.autograd.Function):
+    """x ↦ x² whose backward detaches x: first derivatives right, second ones wrong."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 2 * x.detach() * g
+
+
+def test_wrong_second_derivatives_are_caught_at_the_first_product():
+    X, y = _data()
+
+    def loss_fn(out, t):
+        return CE(_OnceDifferentiableSquare.apply(out), t)
+
+    for op in (Hessian, GGN):
+        for data in ((X, y), [(X[:7], y[:7]), (X[7:], y[7:])]):
+            A = op(mlp(), loss_fn, data)
+            v = torch.randn(A.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+            with pytest.raises(HesslabError, match="loss_fn/model.*finite differences.*loss_fn"):
+                A @ v
+            A @ v  # checked once: later products are not re-checked
+            assert isinstance(op(mlp(), loss_fn, data, check_derivatives=False) @ v, Tensor)
+    # a correct operator passes, in train mode with dropout and BatchNorm too
+    for op in (Hessian, GGN):
+        model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Dropout(0.3),
+                              nn.Linear(6, 3)).double()
+        A = op(model, CE, (X, y), train_mode=True, check_deterministic=False)
+        A @ torch.ones(A.shape[0], dtype=torch.float64)

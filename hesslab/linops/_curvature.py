@@ -58,7 +58,8 @@ from torch import Tensor, nn
 
 from hesslab.errors import HesslabError
 from hesslab.linops._base import LinearOperator
-from hesslab.linops._model import ModelData, all_reduce_sum_
+from hesslab.linops._fdcheck import Difference, check_first_product, ggn_difference, hessian_difference
+from hesslab.linops._model import ModelData, all_reduce_sum_, distributed_active
 from hesslab.linops._params import (
     ParamSpec,
     columns_to_params,
@@ -127,6 +128,11 @@ class CurvatureOperator(LinearOperator):
             loop (once, recorded in ``column_fallback``). Autograd path only.
         batch_size_fn: ``(inputs, targets) -> int``, the number of samples of a batch
             (its weight). Default: ``targets.shape[0]``.
+        check_derivatives: At the first product, compare its first column on the first
+            batch with central finite differences of first derivatives (float64) and raise
+            when autograd's second derivatives are wrong (a backward that is not itself
+            differentiable); see :mod:`hesslab.linops._fdcheck`. Costs about two gradient
+            passes over one batch, once.
 
     Attributes:
         param_names: The selected parameter names, in layout order.
@@ -158,6 +164,7 @@ class CurvatureOperator(LinearOperator):
         method: str = "auto",
         batched_columns: bool | str = "auto",
         batch_size_fn: Callable[[Any, Tensor], int] | None = None,
+        check_derivatives: bool = True,
     ):
         self._check_options(method, batched_columns, reuse_graph, train_mode)
         md = ModelData(
@@ -191,6 +198,7 @@ class CurvatureOperator(LinearOperator):
         self.column_fallback: str | None = None
         self._state: _State | None = None
         self._state_key: tuple | None = None
+        self._check_derivatives = bool(check_derivatives)
 
         self._validate_first_batch()
         if check_deterministic:
@@ -284,7 +292,12 @@ class CurvatureOperator(LinearOperator):
 
     # -------------------------------------------------------------- products
     def _matmat(self, V: Tensor) -> Tensor:
-        return self._product(V, reuse=self._reuse)
+        out = self._product(V, reuse=self._reuse)
+        if self._check_derivatives and type(self)._difference is not None:
+            self._check_derivatives = False  # once, at the first product
+            own = self._md.single and not self.train_mode and not distributed_active()
+            check_first_product(self, V[:, 0], out[:, 0] if own else None, type(self)._difference)
+        return out
 
     def _product(self, V: Tensor, reuse: bool) -> Tensor:
         """(1/N) Σ_k n_k A_k V over all batches (and ranks); V (n, b) -> (n, b)."""
@@ -357,6 +370,9 @@ class CurvatureOperator(LinearOperator):
         return [torch.zeros(b, *s, dtype=self.dtype, device=self.device) for s in self.param_shapes]
 
     # Subclass hooks ---------------------------------------------------------
+    #: The difference quotient checking the first product (None: no check).
+    _difference: Difference | None = None
+
     def _func_product(
         self, selected: dict[str, Tensor], others: dict[str, Tensor], inputs: Any, targets: Tensor,
         Vs: list[Tensor],
@@ -505,6 +521,8 @@ class Hessian(CurvatureOperator):
         >>> H_block = Hessian(model, loss_fn, loader, params="fc2.*")
     """
 
+    _difference = staticmethod(hessian_difference)
+
     def _func_product(self, selected, others, inputs, targets, Vs):
         def loss_of(p: dict[str, Tensor], t: Tensor) -> Tensor:
             return self._loss(self._forward({**others, **p}, inputs), t)
@@ -548,6 +566,8 @@ class GGN(CurvatureOperator):
     path obtains J V by differentiating Jᵀu with respect to u). The model must return
     one tensor. See :class:`CurvatureOperator` for the arguments.
     """
+
+    _difference = staticmethod(ggn_difference)
 
     def _func_product(self, selected, others, inputs, targets, Vs):
         def f(p: dict[str, Tensor]) -> Tensor:
