@@ -63,6 +63,7 @@ from hesslab.linops._model import ModelData, all_reduce_sum_, distributed_active
 from hesslab.linops._params import (
     ParamSpec,
     columns_to_params,
+    flatten_grads,
     flatten_tensors,
     params_to_columns,
     select_parameters,
@@ -418,9 +419,19 @@ class CurvatureOperator(LinearOperator):
         """∇L(θ), the gradient of the mean loss over all of the data (and ranks); shape (n,)."""
         return self._loss_and_gradient(need_grad=True)[1]
 
-    def _batch_gradient(self, inputs: Any, targets: Tensor) -> tuple[Tensor, Tensor]:
-        """``(L_k, ∇L_k)`` of one batch; shapes () and (n,)."""
-        selected, others = self._tensors()
+    def _batch_gradient(
+        self, inputs: Any, targets: Tensor, full: dict[str, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """``(L_k, ∇L_k)`` of one batch; shapes () and (n,).
+
+        Args:
+            full: Parameters and buffers by name to evaluate at (default: the model's).
+        """
+        if full is None:
+            selected, others = self._tensors()
+        else:
+            others = dict(full)
+            selected = {k: others.pop(k) for k in self.param_names}
         leaves = self._leaves(selected)
         tensors = {**others, **dict(zip(self.param_names, leaves))}
         loss = self._loss(self._forward(tensors, inputs), targets)
@@ -429,10 +440,7 @@ class CurvatureOperator(LinearOperator):
             if loss.requires_grad
             else [None] * len(leaves)
         )
-        flat = torch.cat([
-            (torch.zeros_like(x) if g is None else g).reshape(-1) for g, x in zip(grads, leaves)
-        ])
-        return loss, flat
+        return loss, flatten_grads(grads, leaves)
 
     def _loss_and_gradient(self, need_grad: bool) -> tuple[float, Tensor | None]:
         n = self.shape[0]

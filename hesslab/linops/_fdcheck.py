@@ -32,9 +32,9 @@ import torch
 from torch import Tensor
 
 from hesslab.errors import HesslabError
-from hesslab.linops._data import cast_batch
+from hesslab.linops._data import cast_batch, cast_floating
 from hesslab.linops._model import any_rank, distributed_active
-from hesslab.linops._params import columns_to_params, params_to_columns
+from hesslab.linops._params import columns_to_params, flatten_grads, params_to_columns
 
 if TYPE_CHECKING:  # pragma: no cover
     from hesslab.linops._curvature import CurvatureOperator
@@ -97,7 +97,7 @@ def check_first_product(op: CurvatureOperator, v: Tensor, product: Tensor | None
 def _verdict(op: CurvatureOperator, inputs: Any, targets: Tensor, v: Tensor, product: Tensor,
              difference: Difference) -> float | None:
     """The relative disagreement when the quotient is consistent and disagrees, else None."""
-    full = {k: _to64(t) for k, t in op._md.tensors().items()}
+    full = {k: cast_floating(t.detach(), torch.float64) for k, t in op._md.tensors().items()}
     inputs, targets = cast_batch(inputs, targets, torch.float64)
     v64 = v.to(torch.float64)
     scale_v = float(v64.norm())
@@ -151,30 +151,17 @@ def ggn_difference(op: CurvatureOperator, full: dict[str, Tensor], inputs: Any,
         return g
 
     w = (grad_z(eps) - grad_z(-eps)) / (2 * eps) * norm
-    grads = torch.autograd.grad(z, leaves, w, allow_unused=True)
-    return torch.cat([(torch.zeros_like(x) if g is None else g).reshape(-1) for g, x in zip(grads, leaves)])
+    return flatten_grads(torch.autograd.grad(z, leaves, w, allow_unused=True), leaves)
 
 
 def _gradient(op: CurvatureOperator, full: dict[str, Tensor], inputs: Any, targets: Tensor,
               u: Tensor, step: float) -> Tensor:
     """∇L_1 at θ + step·u over the selected parameters (float64); (n,)."""
-    others = dict(full)
-    shifts = columns_to_params(u[:, None], op.param_shapes)
-    leaves = [
-        (others.pop(k) + step * s[0]).detach().requires_grad_(True)
-        for k, s in zip(op.param_names, shifts)
-    ]
+    shifted = dict(full)
+    for k, s in zip(op.param_names, columns_to_params(u[:, None], op.param_shapes)):
+        shifted[k] = full[k] + step * s[0]
     torch.manual_seed(_SEED)
-    out = op._md.forward({**others, **dict(zip(op.param_names, leaves))}, inputs)
-    loss = op._md.loss(out, targets)
-    if not loss.requires_grad:
-        return torch.zeros_like(u)
-    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-    return torch.cat([(torch.zeros_like(x) if g is None else g).reshape(-1) for g, x in zip(grads, leaves)])
-
-
-def _to64(t: Tensor) -> Tensor:
-    return t.detach().to(torch.float64) if t.is_floating_point() else t
+    return op._batch_gradient(inputs, targets, shifted)[1]
 
 
 def _name(fn: Any) -> str:

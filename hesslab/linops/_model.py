@@ -36,7 +36,14 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from hesslab.errors import HesslabError
-from hesslab.linops._data import DataSource, call_model, cast_batch, check_devices, input_tensors
+from hesslab.linops._data import (
+    DataSource,
+    call_model,
+    cast_batch,
+    cast_floating,
+    check_devices,
+    input_tensors,
+)
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -228,8 +235,8 @@ class ModelData:
             key = self.version_key()
             if self._cast_cache is None or self._cast_cache[0] != key:
                 dt = self.cast_dtype
-                cast = {k: _cast(v.detach(), dt) for k, v in self.model.named_parameters()}
-                cast.update({k: _cast(v, dt) for k, v in self.model.named_buffers()})
+                cast = {k: cast_floating(v.detach(), dt) for k, v in self.model.named_parameters()}
+                cast.update({k: cast_floating(v, dt) for k, v in self.model.named_buffers()})
                 self._cast_cache = (key, cast)
             full = dict(self._cast_cache[1])
         if self.train_mode:
@@ -434,7 +441,3 @@ def _first_layer_hint(model: nn.Module) -> str:
         if isinstance(m, nn.modules.conv._ConvNd):
             return f" (its first convolution {name!r} expects {m.in_channels} input channels)"
     return ""
-
-
-def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
-    return t.to(dtype) if t.is_floating_point() else t
