@@ -138,6 +138,11 @@ def test_column_mode_is_a_rule_and_identical_calls_give_identical_bits():
     assert torch.equal(first, H1 @ V)
     G1, G2 = GGN(model, CE, (X, y)), GGN(model, CE, (X, y))
     assert torch.equal(G1 @ V, G2 @ V)
+    from hesslab import spectral_density
+
+    d1, d2 = (spectral_density(Hessian(model, CE, (X, y)), 12, 6, seed=1, grid_size=50) for _ in range(2))
+    assert np.array_equal(np.asarray(d1.nodes), np.asarray(d2.nodes))
+    assert np.array_equal(np.asarray(d1.weights), np.asarray(d2.weights))
 
 
 class _NoBatchingRule(torch.autograd.Function):
