@@ -14,7 +14,8 @@ Modules:
                 (constructor checks, batches and weights, model calls, modes, casting,
                 progress, the determinism check, first-batch data checks) and every
                 torch.distributed collective (one helper, one device rule).
-    _curvature  CurvatureOperator, Hessian, GGN: product paths chosen by rule.
+    _curvature  CurvatureOperator: the data loop, product paths chosen by rule.
+    _hessian    Hessian and GGN: their per-batch block products.
     _fdcheck    the once-per-operator check of second derivatives by finite differences.
     kfac/       KFAC composed: layers | losses | pure math per layer type | the factor
                 computer | the Kronecker block-diagonal operator; KFAC = P K Pᵀ.
@@ -24,7 +25,8 @@ from __future__ import annotations
 
 from hesslab.linops._base import DenseOperator, LinearOperator
 from hesslab.linops._data import call_model, input_tensors, is_single_batch, map_inputs
-from hesslab.linops._curvature import GGN, CurvatureOperator, Hessian
+from hesslab.linops._curvature import CurvatureOperator
+from hesslab.linops._hessian import GGN, Hessian
 from hesslab.linops.kfac import KFAC, KFACFunction, KronFactors, SampleTerms, layer_hessian
 from hesslab.linops._params import select_parameters
 

@@ -16,6 +16,9 @@ it everything that is about the model and the data rather than about the curvatu
   checked for the device of the data;
 * the model's mode (eval by default, train on request; every module's own flag and the
   parameters' ``requires_grad`` are restored after each use) and the determinism check;
+* the first-batch data checks: half-precision data, inputs the model cannot take (their
+  width), outputs and targets of different lengths, float class indices with
+  cross-entropy, MSE targets that would broadcast, a loss without derivatives;
 * every torch.distributed collective, through :func:`all_reduce_sum_` with one device
   rule (:func:`collective_device`).
 
@@ -45,8 +48,6 @@ from hesslab.linops._data import (
     input_tensors,
 )
 
-_HALF = (torch.float16, torch.bfloat16)
-
 __all__ = [
     "ModelData",
     "all_reduce_sum_",
@@ -55,6 +56,8 @@ __all__ = [
     "distributed_active",
     "global_count",
 ]
+
+_HALF = (torch.float16, torch.bfloat16)  # data in these is refused (see ModelData.prepare)
 
 
 # ------------------------------------------------------------------ collectives

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from hesslab.errors import HesslabError
 from hesslab.linops._base import ChainOperator, LinearOperator, PermutationOperator
-from hesslab.linops._curvature import Hessian
+from hesslab.linops._hessian import Hessian
 from hesslab.linops._model import ModelData
 from hesslab.linops._params import ParamSpec, select_parameters
 from hesslab.linops.kfac._computer import KFACComputer, KronFactors, SampleTerms
