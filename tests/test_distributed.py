@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import warnings
 
+from hesslab.errors import HesslabError
 from hesslab.linops import GGN, KFAC, Hessian
 from hesslab.linops._model import collective_device, global_count
 from tests.models import classification_data, mlp
@@ -81,6 +82,37 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         torch.save(_results(model, data, V), Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def _empty_shard_worker(rank: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    try:
+        model, X, y, _ = _setup()
+        data = (X[:0], y[:0]) if rank == 1 else (X[:7], y[:7])  # rank 1 holds no sample
+        errors = []
+        for make in (lambda: Hessian(model, CE, data), lambda: KFAC(model, CE, data)):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    make()
+                errors.append(None)
+            except HesslabError as err:
+                errors.append(str(err))
+        (Path(out_dir) / f"rank{rank}.txt").write_text(repr(errors))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_rank_with_an_empty_shard_makes_every_rank_raise_the_same_error(tmp_path):
+    mp.spawn(_empty_shard_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    for rank in range(WORLD):
+        errors = eval((tmp_path / f"rank{rank}.txt").read_text())
+        assert all(e is not None and e.startswith("data: rank(s) [1] of 2 cannot use their first batch")
+                   for e in errors), (rank, errors)
 
 
 def test_two_gloo_processes_match_one_process(tmp_path):

@@ -65,9 +65,7 @@ def check_first_product(op: CurvatureOperator, v: Tensor, product: Tensor | None
         HesslabError: the product disagrees with a consistent difference quotient.
     """
     md = op._md
-    if not bool(torch.isfinite(v).all()) or float(v.norm()) == 0.0:
-        return
-    index, inputs, targets, _ = md.first_batch()
+    _, inputs, targets, _ = md.first_batch()
     devices = [op.device] if op.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), torch.enable_grad(), md.model_mode():
         if product is None:
@@ -101,6 +99,8 @@ def _verdict(op: CurvatureOperator, inputs: Any, targets: Tensor, v: Tensor, pro
     inputs, targets = cast_batch(inputs, targets, torch.float64)
     v64 = v.to(torch.float64)
     scale_v = float(v64.norm())
+    if scale_v == 0.0 or not math.isfinite(scale_v):
+        return None
     theta = torch.cat([full[k].reshape(-1) for k in op.param_names])
     eps = _STEP * (1.0 + float(theta.norm()) / math.sqrt(theta.numel()))
 

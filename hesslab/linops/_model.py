@@ -54,6 +54,7 @@ __all__ = [
     "any_rank",
     "collective_device",
     "distributed_active",
+    "failed_ranks",
     "global_count",
 ]
 
@@ -97,6 +98,16 @@ def global_count(local: int) -> int:
         return int(local)
     t = torch.tensor([float(local)], dtype=torch.float64)
     return int(round(all_reduce_sum_(t).item()))
+
+
+def failed_ranks(failed: bool) -> list[int]:
+    """The ranks where ``failed`` holds (one collective; [] without torch.distributed)."""
+    if not distributed_active():
+        return []
+    flags = torch.zeros(torch.distributed.get_world_size(), dtype=torch.float64)
+    flags[torch.distributed.get_rank()] = float(failed)
+    all_reduce_sum_(flags)
+    return [r for r, f in enumerate(flags.tolist()) if f > 0]
 
 
 def any_rank(flag: bool) -> bool:
@@ -382,10 +393,33 @@ class ModelData:
         return inputs, targets
 
     def first_batch(self) -> tuple[int, Any, Tensor, int]:
-        """``(index, inputs, targets, n_k)`` of the first non-empty batch."""
-        for batch in self.batches(progress=False):
-            return batch
-        raise HesslabError("data: holds no samples")  # pragma: no cover - DataSource raises first
+        """``(index, inputs, targets, n_k)`` of the first non-empty batch.
+
+        Under torch.distributed the ranks agree (one collective) before any of them
+        fails, so a rank with an empty shard or a bad first batch makes every rank raise
+        the same error instead of leaving the others in a collective that never ends.
+
+        Raises:
+            HesslabError: no sample, or a bad first batch (on any rank).
+        """
+        batch, failed = None, None
+        try:
+            batch = next(iter(self.batches(progress=False)), None)
+            if batch is None:  # pragma: no cover - DataSource raises first
+                raise HesslabError("data: holds no samples")
+        except HesslabError as err:
+            if not distributed_active():
+                raise
+            failed = err
+        bad = failed_ranks(failed is not None)
+        if bad:
+            here = f"on this rank: {failed}" if failed is not None else "see the error on those ranks"
+            raise HesslabError(
+                f"data: rank(s) {bad} of {torch.distributed.get_world_size()} cannot use their "
+                f"first batch ({here}). Every rank needs at least one valid sample: shard the data "
+                "so that each rank gets some (e.g. DistributedSampler, drop_last=False)."
+            ) from failed
+        return batch
 
     def count(self) -> int:
         """N over all ranks (one pass over the data the first time)."""
