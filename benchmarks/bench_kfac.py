@@ -46,7 +46,7 @@ from _common import environment, parser, table, write_json  # noqa: E402
 import hesslab as hl  # noqa: E402
 from hesslab import zoo  # noqa: E402
 from hesslab.analysis.overlap import dominant_eigenvalues, eigenvector_low_rank, overlap_curve  # noqa: E402
-from hesslab.linops._kfac import KFAC, layer_hessian  # noqa: E402
+from hesslab.linops import KFAC, layer_hessian  # noqa: E402
 
 CE = nn.CrossEntropyLoss()
 NUM_CLASSES = 10

@@ -1,4 +1,4 @@
-"""Data-parallel operators: two gloo processes on the CPU against one process over all the data.
+"""Data-parallel operators (Hessian, GGN, KFAC): two gloo processes on the CPU against one process over all the data.
 
 Each rank holds an uneven shard (7 and 13 of 20 samples; one rank a single batch, the
 other a DataLoader with an uneven last batch). Products, gradient, loss and the number
@@ -19,7 +19,11 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from hesslab.linops import GGN, Hessian
+import warnings
+
+from hesslab.errors import HesslabError
+from hesslab.linops import GGN, KFAC, Hessian
+from hesslab.linops._model import collective_device, global_count
 from tests.models import classification_data, mlp
 
 WORLD = 2
@@ -44,7 +48,12 @@ def _setup() -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
 def _results(model: nn.Module, data, V: torch.Tensor) -> dict[str, object]:
     H = Hessian(model, CE, data)
     G = GGN(model, CE, data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the BatchNorm layers are skipped
+        K = KFAC(model, CE, data)
     return {
+        "KV": K @ V[: K.shape[0]],
+        "K_num_data": K.num_data,
         "HV": H @ V,
         "Hv": H @ V[:, 0],
         "GV": G @ V,
@@ -62,6 +71,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         timeout=datetime.timedelta(seconds=60),
     )
     try:
+        assert collective_device() == torch.device("cpu")  # the one rule: gloo on the CPU
+        assert global_count(rank + 1) == 3
         model, X, y, V = _setup()
         Xs, ys = X[SHARDS[rank]], y[SHARDS[rank]]
         if rank == 0:
@@ -73,6 +84,37 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+def _empty_shard_worker(rank: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    try:
+        model, X, y, _ = _setup()
+        data = (X[:0], y[:0]) if rank == 1 else (X[:7], y[:7])  # rank 1 holds no sample
+        errors = []
+        for make in (lambda: Hessian(model, CE, data), lambda: KFAC(model, CE, data)):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    make()
+                errors.append(None)
+            except HesslabError as err:
+                errors.append(str(err))
+        (Path(out_dir) / f"rank{rank}.txt").write_text(repr(errors))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_rank_with_an_empty_shard_makes_every_rank_raise_the_same_error(tmp_path):
+    mp.spawn(_empty_shard_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    for rank in range(WORLD):
+        errors = eval((tmp_path / f"rank{rank}.txt").read_text())
+        assert all(e is not None and e.startswith("data: rank(s) [1] of 2 cannot use their first batch")
+                   for e in errors), (rank, errors)
+
+
 def test_two_gloo_processes_match_one_process(tmp_path):
     assert not dist.is_initialized()
     model, X, y, V = _setup()
@@ -81,9 +123,9 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     for rank in range(WORLD):
         got = torch.load(tmp_path / f"rank{rank}.pt")
-        assert got["num_data"] == 20
+        assert got["num_data"] == 20 and got["K_num_data"] == 20
         assert abs(got["loss"] - expected["loss"]) <= 1e-13 * abs(expected["loss"])
-        for key in ("HV", "Hv", "GV", "grad", "block"):
+        for key in ("HV", "Hv", "GV", "grad", "block", "KV"):
             scale = expected[key].abs().max()
             err = (got[key] - expected[key]).abs().max()
             assert err <= 1e-12 * scale, (rank, key, float(err), float(scale))

@@ -1,4 +1,4 @@
-"""Tests of the Kronecker-factored layer Hessians (hesslab.linops._kfac) and the overlap
+"""Tests of the Kronecker-factored layer Hessians (hesslab.linops.kfac) and the overlap
 analyses (hesslab.analysis.overlap), in float64 against dense oracles from torch.func.
 
 The oracle for a layer block is ``torch.func.hessian`` of the full-data mean loss as a
@@ -30,7 +30,7 @@ from hesslab.analysis.overlap import (
 )
 from hesslab.errors import HesslabError
 from hesslab.linops import Hessian, LinearOperator
-from hesslab.linops._kfac import KFAC, KronFactors, layer_hessian
+from hesslab.linops import KFAC, KronFactors, layer_hessian
 from tests.models import classification_data, mlp, regression_data
 
 CE = nn.CrossEntropyLoss()
@@ -605,3 +605,60 @@ def test_kfac_overlap_between_two_seeds_and_result_roundtrip(tmp_path):
     matplotlib.use("Agg")
     curves["0"].plot()
     dominant_eigenvalues(K1.factors["2"].B, num_classes=3).plot()
+
+
+# ------------------------------------------------- the parts KFAC is composed of
+def test_kronecker_block_diagonal_operator_on_its_own():
+    from hesslab.linops.kfac._kronecker import KroneckerBlockDiagonal
+
+    g = torch.Generator().manual_seed(8)
+
+    def spd(m: int) -> Tensor:
+        R = torch.randn(m, m, generator=g, dtype=torch.float64)
+        return R @ R.T + 0.1 * torch.eye(m, dtype=torch.float64)
+
+    A, B = [spd(3), spd(2)], [spd(4), spd(5)]
+    K = KroneckerBlockDiagonal(A, B, psd_B=[True, True], names=["a", "b"])
+    D = torch.block_diag(torch.kron(B[0], A[0]), torch.kron(B[1], A[1]))
+    assert K.shape == (22, 22)
+    V = torch.randn(22, 3, generator=g, dtype=torch.float64)
+    assert_close(K @ V, D @ V)
+    assert_close(K.to_dense(), D)
+    assert K.trace() == pytest.approx(float(torch.trace(D)), rel=1e-12)
+    lam = torch.linalg.eigvalsh(D)
+    assert_close(torch.cat(K.eigenvalues()).sort().values, lam, 1e-10)
+    values, vecs = K.topk(1, 3)
+    assert_close(vecs.T @ torch.kron(B[1], A[1]) @ vecs, torch.diag(values), 1e-10)
+    inv = K.function(-1.0, 0.5)
+    assert_close(inv @ ((D + 0.5 * torch.eye(22, dtype=torch.float64)) @ V), V, 1e-9)
+    with pytest.raises(HesslabError, match="finite"):
+        K.function(float("nan"), 0.0)
+
+
+def test_layer_rules_and_layout_permutation():
+    from hesslab.linops.kfac._layers import layer_perm
+    from hesslab.linops.kfac._math import RULES, augment
+
+    conv = nn.Conv2d(2, 3, 3, padding=1).double()
+    x = torch.randn(4, 2, 5, 5, dtype=torch.float64)
+    rows = RULES["conv2d"].input_rows(conv, x)  # (n, P, C_in·kh·kw)
+    assert rows.shape == (4, 25, 18)
+    out = conv(x)
+    z = rows @ conv.weight.reshape(3, -1).T + conv.bias  # the conv as a Linear on patches
+    assert_close(RULES["conv2d"].output_rows(out), z)
+    assert_close(RULES["conv2d"].rows_to_output(z, out.shape), out)
+    aug = augment(rows, bias=True, reduce=True)
+    assert aug.shape == (4, 1, 19) and torch.all(aug[..., -1] == 1)
+    perm = layer_perm(2, 3, True)  # W̃ (2, 4) row-major -> [W (2·3), b (2)]
+    assert perm.tolist() == [0, 1, 2, 6, 3, 4, 5, 7]
+
+
+def test_kfac_first_batch_mistakes():
+    model = mlp(4, (6,), 3)
+    X, y = classification_data(6, 4, 3)
+    with pytest.raises(HesslabError, match=r"data.*\(6, 5\).*4 input features"):
+        KFAC(model, CE, (torch.randn(6, 5, dtype=torch.float64), y))
+    with pytest.raises(HesslabError, match="data.*float16"):
+        KFAC(model, CE, (X.half(), y))
+    with pytest.raises(HesslabError, match="loss_fn.*differentiabl"):
+        KFAC(model, lambda o, t: F.cross_entropy(o.detach(), t), (X, y), loss_type="cross_entropy")

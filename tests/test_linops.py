@@ -120,6 +120,66 @@ def test_hessian_column_modes_agree():
         assert_close(H @ V, H_ref @ V)  # second product: graph kept, mode decided
 
 
+def test_column_mode_is_a_rule_and_identical_calls_give_identical_bits():
+    """``batched_columns="auto"`` is decided at construction by the device, never by a
+    timing: on the CPU the loop over the kept graph. Two identical operators applied to
+    the same block (as spectral_density's probes are) give the same bits."""
+    model = cnn()
+    X, y = image_data(12)
+    V = torch.randn(sum(p.numel() for p in model.parameters()), 8,
+                    generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    H1 = Hessian(model, CE, (X, y))
+    assert H1.column_mode == "loop" and H1.column_fallback is None  # CPU rule, before any product
+    assert Hessian(model, CE, (X, y), batched_columns=True).column_mode == "batched"
+    H2 = Hessian(model, CE, (X, y))
+    first = H1 @ V
+    assert H1.column_mode == "loop"
+    assert torch.equal(first, H2 @ V)
+    assert torch.equal(first, H1 @ V)
+    G1, G2 = GGN(model, CE, (X, y)), GGN(model, CE, (X, y))
+    assert torch.equal(G1 @ V, G2 @ V)
+    from hesslab import spectral_density
+
+    d1, d2 = (spectral_density(Hessian(model, CE, (X, y)), 12, 6, seed=1, grid_size=50) for _ in range(2))
+    assert np.array_equal(np.asarray(d1.nodes), np.asarray(d2.nodes))
+    assert np.array_equal(np.asarray(d1.weights), np.asarray(d2.weights))
+
+
+class _NoBatchingRule(torch.autograd.Function):
+    """x ↦ x³ with a custom backward and no vmap rule: is_grads_batched cannot run it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x**3
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        if bool(torch.isnan(g).any()):  # data-dependent control flow: vmap refuses it
+            raise ValueError("NaN cotangent")
+        return 3 * x * x * g
+
+
+def test_batched_columns_fall_back_on_the_loop_once_and_say_why():
+    class Cubic(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 3).double()
+
+        def forward(self, x: Tensor) -> Tensor:
+            return _NoBatchingRule.apply(self.lin(x))
+
+    model = Cubic()
+    X, y = _data()
+    ref = Hessian(model, CE, (X, y), batched_columns=False)
+    H = Hessian(model, CE, (X, y), batched_columns=True)
+    assert H.column_mode == "batched"
+    V = torch.randn(H.shape[0], 3, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    assert_close(H @ V, ref @ V)
+    assert H.column_mode == "loop" and H.column_fallback
+
+
 def test_to_dense_and_hvp_path():
     model = mlp()
     X, y = classification_data(20)
@@ -580,3 +640,103 @@ def test_numpy_scalars_scale_operators_and_empty_blocks():
     assert_close((np.float64(2.0) * H) @ v, 2 * (H @ v))
     assert_close((H * torch.tensor(3.0)) @ v, 3 * (H @ v))
     assert (H @ torch.zeros(H.shape[0], 0)).shape == (H.shape[0], 0)
+
+
+def test_permutation_and_chain_operators_compose_p_k_pt():
+    from hesslab.linops._base import ChainOperator, PermutationOperator
+
+    g = torch.Generator().manual_seed(6)
+    n = 7
+    perm = torch.randperm(n, generator=g)
+    P = PermutationOperator(perm, torch.float64)
+    Pd = torch.zeros(n, n, dtype=torch.float64)
+    Pd[perm, torch.arange(n)] = 1  # (P v)[perm[i]] = v[i]
+    assert_close(P.to_dense(), Pd)
+    assert_close(P.T.to_dense(), Pd.T)
+    M = torch.randn(n, n, generator=g, dtype=torch.float64)
+    K = DenseOperator(M + M.T)
+    chain = ChainOperator([P, K, P.T])
+    assert_close(chain.to_dense(), Pd @ (M + M.T) @ Pd.T)
+    assert torch.equal(PermutationOperator(torch.arange(n), torch.float64).to_dense(),
+                       torch.eye(n, dtype=torch.float64))
+    with pytest.raises(HesslabError, match="ops"):
+        ChainOperator([])
+    with pytest.raises(HesslabError, match="shape"):
+        ChainOperator([K, PermutationOperator(torch.arange(n + 1), torch.float64)])
+
+
+def test_collectives_without_a_process_group_are_local():
+    from hesslab.linops._model import all_reduce_sum_, any_rank, distributed_active, global_count
+
+    assert not distributed_active()
+    t = torch.ones(3)
+    assert all_reduce_sum_(t) is t and torch.equal(t, torch.ones(3))
+    assert global_count(5) == 5 and any_rank(True) and not any_rank(False)
+
+
+# ------------------------------------------------ data mistakes caught at the first batch
+def test_first_batch_data_mistakes_name_the_argument_and_the_fix():
+    X, y = _data()  # 20 samples, 4 features, float64
+    with pytest.raises(HesslabError, match=r"data.*first batch.*\(20, 5\).*'0' expects 4 input features"):
+        Hessian(mlp(), CE, (torch.randn(20, 5, dtype=torch.float64), y))
+    for half in (torch.float16, torch.bfloat16):
+        with pytest.raises(HesslabError, match=rf"data.*inputs.*{str(half).split('.')[1]}.*dtype=torch.float32"):
+            Hessian(mlp(), CE, (X.to(half), y))
+    assert Hessian(mlp(), CE, (X.float(), y), dtype=torch.float64).dtype == torch.float64  # cast data
+    with pytest.raises(HesslabError, match=r"data.*cross-entropy.*targets.long\(\)"):
+        GGN(mlp(), CE, (X, y.double()))
+    with pytest.raises(HesslabError, match="data.*20 outputs.*19 targets"):
+        Hessian(mlp(), CE, (X, y[:19]))
+    with pytest.raises(HesslabError, match="data.*MSE.*broadcasting"):
+        Hessian(mlp(), nn.MSELoss(), (X, torch.zeros(20, dtype=torch.float64)))
+
+
+def test_a_loss_without_derivatives_gets_a_hesslab_message():
+    X, y = _data()
+
+    def detached(out, t):
+        return CE(out.detach(), t)
+
+    def accuracy(out, t):
+        return (out.argmax(1) == t).double().mean()
+
+    for loss_fn in (detached, accuracy):
+        for op in (Hessian, GGN):
+            with pytest.raises(HesslabError, match="loss_fn.*differentiabl"):
+                op(mlp(), loss_fn, (X, y))
+
+
+class _OnceDifferentiableSquare(torch.autograd.Function):
+    """x ↦ x² whose backward detaches x: first derivatives right, second ones wrong."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 2 * x.detach() * g
+
+
+def test_wrong_second_derivatives_are_caught_at_the_first_product():
+    X, y = _data()
+
+    def loss_fn(out, t):
+        return CE(_OnceDifferentiableSquare.apply(out), t)
+
+    for op in (Hessian, GGN):
+        for data in ((X, y), [(X[:7], y[:7]), (X[7:], y[7:])]):
+            A = op(mlp(), loss_fn, data)
+            v = torch.randn(A.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+            with pytest.raises(HesslabError, match="loss_fn/model.*finite differences.*loss_fn"):
+                A @ v
+            A @ v  # checked once: later products are not re-checked
+            assert isinstance(op(mlp(), loss_fn, data, check_derivatives=False) @ v, Tensor)
+    # a correct operator passes, in train mode with dropout and BatchNorm too
+    for op in (Hessian, GGN):
+        model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Dropout(0.3),
+                              nn.Linear(6, 3)).double()
+        A = op(model, CE, (X, y), train_mode=True, check_deterministic=False)
+        A @ torch.ones(A.shape[0], dtype=torch.float64)

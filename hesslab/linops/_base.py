@@ -10,6 +10,11 @@ Subclasses implement one batched product ``_matmat(V) -> A V`` for V of shape (n
 already checked and converted to the operator's dtype and device. Everything else comes
 from the base: ``@`` for vectors and blocks, ``matmat``, ``to_scipy()``, ``to_dense()``
 for small n, and the algebra ``A + B``, ``A - B``, ``-A``, ``c * A``, ``A / c``.
+
+Two building blocks compose operators: :class:`PermutationOperator` (a change of
+vector layout, the one non-symmetric operator here, with its transpose ``.T``)
+and :class:`ChainOperator` (A_1 A_2 ... A_m applied right to left), so that an operator
+kept in another layout reads P K Pᵀ (see :class:`hesslab.linops.KFAC`).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from torch import Tensor
 
 from hesslab.errors import HesslabError
 
-__all__ = ["LinearOperator", "DenseOperator"]
+__all__ = ["LinearOperator", "DenseOperator", "PermutationOperator", "ChainOperator"]
 
 
 class LinearOperator:
@@ -294,3 +299,67 @@ class DenseOperator(LinearOperator):
         if n > max_size:
             return super().to_dense(max_size, chunk_size)  # raises with the message
         return self.matrix.clone()
+
+
+class PermutationOperator(LinearOperator):
+    """The permutation matrix P with (P V)[perm[i]] = V[i]: a change of vector layout.
+
+    Row i of a block in the *inner* layout moves to row ``perm[i]`` of the *outer* one;
+    ``P.T`` (Pᵀ = P⁻¹) gathers back, (Pᵀ V)[i] = V[perm[i]]. An identity permutation
+    costs nothing but a copy. Not symmetric: use it inside a :class:`ChainOperator`
+    such as P K Pᵀ.
+
+    Args:
+        perm: Shape (n,), a permutation of 0..n-1 (integer, on the operator's device).
+        dtype: The dtype of the vectors it moves.
+    """
+
+    def __init__(self, perm: Tensor, dtype: torch.dtype, *, _transposed: bool = False):
+        n = int(perm.numel())
+        super().__init__((n, n), dtype, perm.device)
+        self.perm = perm
+        self.identity = bool(torch.equal(perm, torch.arange(n, device=perm.device)))
+        self._transposed = _transposed
+
+    @property
+    def T(self) -> PermutationOperator:
+        """Pᵀ = P⁻¹, sharing ``perm``."""
+        return PermutationOperator(self.perm, self.dtype, _transposed=not self._transposed)
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        if self.identity:
+            return V.clone()
+        if self._transposed:
+            return V.index_select(0, self.perm)  # (n, b): gather
+        out = torch.empty(V.shape, dtype=V.dtype, device=V.device)
+        return out.index_copy_(0, self.perm, V)  # (n, b): scatter
+
+    def __repr__(self) -> str:
+        return f"PermutationOperator(n={self.shape[0]}, transposed={self._transposed})"
+
+
+class ChainOperator(LinearOperator):
+    """The product A_1 A_2 ... A_m of compatible operators, applied right to left.
+
+    Symmetric when the chain is (e.g. P K Pᵀ with K symmetric), which its users ensure.
+
+    Args:
+        ops: The factors A_1, ..., A_m, all of one shape, dtype and device.
+    """
+
+    def __init__(self, ops: list[LinearOperator]):
+        if not ops:
+            raise HesslabError("ops: a chain needs at least one operator")
+        first = ops[0]
+        for op in ops[1:]:
+            first._check_compatible(op)
+        super().__init__(first.shape, first.dtype, first.device)
+        self.ops = list(ops)
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        for op in reversed(self.ops):
+            V = op.matmat(V)  # (n, b)
+        return V
+
+    def __repr__(self) -> str:
+        return " @ ".join(repr(op) for op in self.ops)

@@ -1,4 +1,8 @@
-"""Curvature operators of a model's loss: the Hessian and the generalized Gauss-Newton.
+"""The curvature-operator base: per-batch block products accumulated over the data.
+
+:class:`CurvatureOperator` turns a per-batch block product (defined by a subclass, see
+:mod:`hesslab.linops._hessian` for the Hessian and the generalized Gauss-Newton) into
+the operator of the sample-mean loss over all of the data.
 
 Notation:
     θ ∈ R^n: the selected parameters (flattened row-major, in ``named_parameters()``
@@ -36,67 +40,43 @@ Product paths (``method=``):
         parameter or buffer of the model changes in place (version counters are watched;
         writes through ``.data`` are not seen).
 
-    Measured on a 2-core CPU shared with other jobs (small CNN: two 3x3 convolutions
-    with max-pooling and two linear layers, 38k parameters, 256 16x16 images, one
-    thread, medians of 7 interleaved runs; compare ratios, not absolute times). Hessian,
-    one product with b = 1: func 104 ms, autograd with a fresh graph 96-104 ms, kept
-    graph 43 ms. Per column with b = 8: func 133 ms, fresh graph batched 86 ms or
-    column by column 62 ms, kept graph batched 83 ms or column by column 49 ms. With
-    BatchNorm (eval) per column: func 172 ms, kept graph batched 129 ms, column by
-    column 84 ms; the GGN behaves alike (kept graph 25 ms per product). So on this CPU
-    the batched (vmap) variants lose to a loop over columns. For tiny models (tens of
-    parameters) it is the other way round: Python and dispatch overhead dominate and
-    one batched call beats a loop by 10-50x. Hence the defaults: autograd, the graph
-    kept for a single batch, and ``batched_columns="auto"``, which times both ways at
-    the first block of >= 5 columns (on columns it must compute anyway) and keeps the
-    faster; a model without batching rules falls back on columns one at a time.
+    Columns (``batched_columns="auto"``) follow a rule, never a timing, so two identical
+    calls take the same path and give the same bits: on the CPU one column at a time over
+    the kept graph ("loop"; the batched vmap variants lose to a loop there for models of
+    realistic size), on other devices (CUDA) one batched backward ("batched"), falling
+    back on the loop, once and recorded in :attr:`CurvatureOperator.column_fallback`, when
+    an op of the model has no batching rule. The graph is kept for a single batch. The
+    measurements behind these defaults are in benchmarks/RESULTS.md ("Design measurements
+    (moved from docstrings)").
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from hesslab.errors import HesslabError
 from hesslab.linops._base import LinearOperator
-from hesslab.linops._data import (
-    DataSource,
-    call_model,
-    cast_batch,
-    check_devices,
-    input_tensors,
-)
+from hesslab.linops._fdcheck import Difference, check_first_product
+from hesslab.linops._model import ModelData, all_reduce_sum_, distributed_active
 from hesslab.linops._params import (
     ParamSpec,
     columns_to_params,
+    flatten_grads,
     flatten_tensors,
     params_to_columns,
     select_parameters,
     unflatten_vector,
 )
 
-__all__ = ["CurvatureOperator", "Hessian", "GGN"]
+__all__ = ["CurvatureOperator"]
 
 _METHODS = ("auto", "func", "autograd")
-
-
-def distributed_active() -> bool:
-    """True when torch.distributed is available and a default process group exists."""
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def _all_reduce_sum_(t: Tensor) -> Tensor:
-    if distributed_active():
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
-    return t
 
 
 @dataclass
@@ -114,7 +94,9 @@ class CurvatureOperator(LinearOperator):
     Subclasses define one per-batch block product in two forms: ``_func_product``
     (torch.func) and ``_build_state`` / ``_apply_state`` (autograd, with a graph that
     can be kept). The base iterates over the data, weights each batch by its number
-    of samples, all-reduces across ranks and checks the result.
+    of samples, all-reduces across ranks and checks the result; everything about the
+    model and the data (calls, modes, casting, batches, collectives, the determinism
+    check) is its :class:`~hesslab.linops._model.ModelData`.
 
     Args:
         model: The network, called as ``model(inputs)`` (or ``model(*inputs)``,
@@ -145,25 +127,35 @@ class CurvatureOperator(LinearOperator):
             ``False``: rebuild per product.
         method: ``"auto"`` (= ``"autograd"``, the faster path measured on the CPU),
             ``"autograd"`` or ``"func"`` (see the module docstring).
-        batched_columns: ``"auto"``: measure, at the first block of >= 5 columns, whether
-            one batched backward (``is_grads_batched``) or one column at a time over the
-            same graph is faster for this model and keep the winner (before that: one at
-            a time on the CPU, batched on GPUs); ``True`` / ``False`` force either.
-            Autograd path only.
+        batched_columns: ``"auto"``: by rule, one column at a time over the graph on the
+            CPU, one batched backward (``is_grads_batched``) elsewhere (CUDA); ``True`` /
+            ``False`` force either. A model without batching rules falls back on the
+            loop (once, recorded in ``column_fallback``). Autograd path only.
         batch_size_fn: ``(inputs, targets) -> int``, the number of samples of a batch
             (its weight). Default: ``targets.shape[0]``.
+        check_derivatives: At the first product, compare its first column on the first
+            batch with central finite differences of first derivatives (float64) and raise
+            when autograd's second derivatives are wrong (a backward that is not itself
+            differentiable); see :mod:`hesslab.linops._fdcheck`. Costs about two gradient
+            passes over one batch, once.
 
     Attributes:
         param_names: The selected parameter names, in layout order.
         param_shapes: Their shapes.
         hvp_path: ``"graph"`` (kept autograd graph), ``"autograd"`` or ``"func"``: the
             path products take now.
+        column_mode: ``"loop"`` or ``"batched"``, resolved at construction.
+        column_fallback: ``None``, or why the batched columns fell back on the loop.
 
     Raises:
         HesslabError: for bad arguments, each naming the argument: a loss that is not a
             scalar or is NaN/Inf, no parameter requiring grad or ``params`` matching
             nothing, empty data, data on another device than the model, integer inputs
-            to a model that needs floats, a non-deterministic operator.
+            to a model that needs floats, half-precision data, inputs of the wrong width,
+            outputs and targets of different lengths, float class indices with
+            cross-entropy, MSE targets that would broadcast, a loss without derivatives,
+            a non-deterministic operator; at the first product, second derivatives that
+            disagree with finite differences (``check_derivatives``).
     """
 
     def __init__(
@@ -181,19 +173,48 @@ class CurvatureOperator(LinearOperator):
         method: str = "auto",
         batched_columns: bool | str = "auto",
         batch_size_fn: Callable[[Any, Tensor], int] | None = None,
+        check_derivatives: bool = True,
     ):
-        if not isinstance(model, nn.Module):
-            raise HesslabError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-        if not callable(loss_fn):
-            raise HesslabError(f"loss_fn: expected a callable, got {type(loss_fn).__name__}")
-        if getattr(loss_fn, "reduction", "mean") == "sum":
+        self._check_options(method, batched_columns, reuse_graph, train_mode)
+        md = ModelData(
+            model, loss_fn, data, dtype=dtype, train_mode=train_mode, progress=progress,
+            batch_size_fn=batch_size_fn, name=type(self).__name__,
+        )
+        self._md = md
+        self.model = model
+        self.loss_fn = loss_fn
+        self.train_mode = md.train_mode
+        self.progress = md.progress
+        names, tensors = select_parameters(model, params)
+        md.check_parameters(tensors)
+        self.param_names: list[str] = names
+        self.param_shapes: list[torch.Size] = [t.shape for t in tensors]
+        n = sum(t.numel() for t in tensors)
+        super().__init__((n, n), md.dtype, md.device)
+
+        if reuse_graph is True and method == "func":
             raise HesslabError(
-                "loss_fn: has reduction='sum'; hesslab operators need the batch MEAN (they weight "
-                "each batch by its size to get the Hessian of the mean loss over all the data). "
-                "Use reduction='mean' and multiply the operator by N if you want the summed loss."
+                "reuse_graph: True keeps an autograd graph; it needs method='autograd'"
             )
-        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise HesslabError(f"dtype: expected a floating torch.dtype or None, got {dtype!r}")
+        if reuse_graph is True and not md.single:
+            raise HesslabError(
+                "reuse_graph: True needs data to be a single (inputs, targets) batch in memory; "
+                "with an iterable of batches use reuse_graph='auto' or False"
+            )
+        self._reuse = md.single and reuse_graph in ("auto", True) and method != "func"
+        self._path = "func" if method == "func" else "autograd"
+        self._column_mode = _column_rule(batched_columns, self.device)
+        self.column_fallback: str | None = None
+        self._state: _State | None = None
+        self._state_key: tuple | None = None
+        self._check_derivatives = bool(check_derivatives)
+
+        self._validate_first_batch()
+        if check_deterministic:
+            md.check_determinism(lambda v: self._product(v, reuse=False), n)
+
+    @staticmethod
+    def _check_options(method: str, batched_columns: Any, reuse_graph: Any, train_mode: bool) -> None:
         if method not in _METHODS:
             raise HesslabError(f"method: expected one of {_METHODS}, got {method!r}")
         if batched_columns not in ("auto", True, False):
@@ -209,67 +230,6 @@ class CurvatureOperator(LinearOperator):
         if reuse_graph not in ("auto", True, False):
             raise HesslabError(f"reuse_graph: expected 'auto', True or False, got {reuse_graph!r}")
 
-        self.model = model
-        self.loss_fn = loss_fn
-        self.train_mode = bool(train_mode)
-        self.progress = bool(progress)
-        names, tensors = select_parameters(model, params)
-        devices = {t.device for t in tensors}
-        if len(devices) > 1:
-            raise HesslabError(
-                "params: the selected parameters live on several devices "
-                f"{sorted(map(str, devices))}; hesslab operators need them on one device"
-            )
-        if dtype is None:
-            dtypes = {t.dtype for t in tensors}
-            if len(dtypes) > 1:
-                raise HesslabError(
-                    "dtype: the selected parameters have several dtypes "
-                    f"{sorted(map(str, dtypes))}; pass dtype= to run in one"
-                )
-            (op_dtype,) = dtypes
-            if not op_dtype.is_floating_point:
-                raise HesslabError(
-                    f"params: the selected parameters have non-floating dtype {op_dtype}"
-                )
-        else:
-            op_dtype = dtype
-        self._cast_dtype = dtype
-        self.param_names: list[str] = names
-        self.param_shapes: list[torch.Size] = [t.shape for t in tensors]
-        n = sum(t.numel() for t in tensors)
-        super().__init__((n, n), op_dtype, next(iter(devices)))
-
-        self._data = DataSource(data, batch_size_fn)
-        if reuse_graph is True and method == "func":
-            raise HesslabError(
-                "reuse_graph: True keeps an autograd graph; it needs method='autograd'"
-            )
-        if reuse_graph is True and not self._data.single:
-            raise HesslabError(
-                "reuse_graph: True needs data to be a single (inputs, targets) batch in memory; "
-                "with an iterable of batches use reuse_graph='auto' or False"
-            )
-        self._reuse = self._data.single and reuse_graph in ("auto", True) and method != "func"
-        self._path = "func" if method == "func" else "autograd"
-        # columns through one batched backward (is_grads_batched) or one at a time
-        self._column_mode = {"auto": "auto", True: "batched", False: "loop"}[batched_columns]
-        self.column_timings: dict[str, float] = {}
-        self._single_cache: tuple[Any, Tensor] | None = None
-        self._cast_cache: tuple[tuple, dict[str, Tensor]] | None = None
-        self._state: _State | None = None
-        self._state_key: tuple | None = None
-        self._num_data: int | None = None
-
-        self._validate_first_batch()
-        if check_deterministic:
-            needed = self.train_mode or not self._data.single
-            if distributed_active():  # every rank must take the same decision
-                flag = torch.tensor([float(needed)], device=self._collective_device())
-                needed = bool(_all_reduce_sum_(flag).item() > 0)
-            if needed:
-                self._check_determinism()
-
     # ----------------------------------------------------------------- layout
     @property
     def hvp_path(self) -> str:
@@ -278,8 +238,11 @@ class CurvatureOperator(LinearOperator):
 
     @property
     def column_mode(self) -> str:
-        """How the autograd path applies b columns: ``"batched"``, ``"loop"`` or ``"auto"``
-        (not decided yet; decided by timing at the first block of >= 5 columns)."""
+        """How the autograd path applies b columns: ``"batched"`` or ``"loop"``.
+
+        Resolved at construction by rule (see ``batched_columns``); it turns to
+        ``"loop"`` once if the model has no batching rule (``column_fallback`` says why).
+        """
         return self._column_mode
 
     def flatten(self, tensors: Sequence[Tensor]) -> Tensor:
@@ -299,157 +262,51 @@ class CurvatureOperator(LinearOperator):
     @property
     def num_data(self) -> int:
         """N, the number of samples the mean loss runs over (all ranks together)."""
-        if self._num_data is None:
-            local = sum(size for _, _, _, size in self._data.batches())
-            self._num_data = self._global_count(local)
-        return self._num_data
+        return self._md.count()
 
     # ------------------------------------------------------------ model access
-    @contextlib.contextmanager
-    def _model_mode(self) -> Iterator[None]:
-        """Put the model in the requested mode; restore every module's own flag after."""
-        modes = [(m, m.training) for m in self.model.modules()]
-        flags = [(p, p.requires_grad) for p in self.model.parameters()]
-        self.model.train(self.train_mode)
-        try:
-            yield
-        finally:
-            for m, training in modes:
-                m.training = training
-            for p, requires_grad in flags:
-                if p.requires_grad != requires_grad:
-                    p.requires_grad_(requires_grad)
-
-    def _version_key(self) -> tuple:
-        return tuple(
-            (id(t), t._version)
-            for t in (*self.model.parameters(), *self.model.buffers())
-        )
-
     def _tensors(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """The selected parameters and everything else (other parameters, buffers).
-
-        Returns:
-            ``(selected, others)``: detached tensors (cast copies with ``dtype=``) keyed
-            by name. In train mode the buffers are fresh clones, so BatchNorm's running
-            statistics of the model are never updated.
-        """
-        if self._cast_dtype is None:
-            full = {k: v.detach() for k, v in self.model.named_parameters()}
-            full.update(self.model.named_buffers())
-        else:
-            key = self._version_key()
-            if self._cast_cache is None or self._cast_cache[0] != key:
-                full = {
-                    k: _cast(v.detach(), self._cast_dtype) for k, v in self.model.named_parameters()
-                }
-                full.update({k: _cast(v, self._cast_dtype) for k, v in self.model.named_buffers()})
-                self._cast_cache = (key, full)
-            full = dict(self._cast_cache[1])
-        if self.train_mode:
-            for k, _ in self.model.named_buffers():
-                full[k] = full[k].clone()
+        """``(selected, others)``: the selected parameters and everything else, by name."""
+        full = self._md.tensors()
         selected = {k: full.pop(k) for k in self.param_names}
         return selected, full
 
     def _forward(self, tensors: dict[str, Tensor], inputs: Any) -> Any:
-        """The model's output with ``tensors`` substituted for its parameters and buffers."""
-        try:
-            return call_model(
-                lambda *a, **k: functional_call(self.model, tensors, a, k), inputs
-            )
-        except RuntimeError as err:
-            ints = [
-                t.dtype
-                for t in input_tensors(inputs)
-                if not (t.is_floating_point() or t.is_complex())
-            ]
-            if ints:
-                raise HesslabError(
-                    f"data: the model failed on inputs of dtype {ints[0]}; if it expects floating "
-                    "inputs (e.g. a Linear or Conv layer first), convert them, e.g. "
-                    f"inputs.float() or inputs.to({self.dtype}). Original error: {err}"
-                ) from err
-            raise
+        """The model's output with ``tensors`` substituted (see ``ModelData.forward``)."""
+        return self._md.forward(tensors, inputs)
 
     def _check_output(self, out: Any) -> Any:
         """Validate the model's output (subclasses that need a tensor check here)."""
         return out
 
     def _loss(self, output: Any, targets: Tensor) -> Tensor:
-        loss = self.loss_fn(output, targets)
-        if not isinstance(loss, Tensor) or loss.numel() != 1:
-            got = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
-            raise HesslabError(
-                f"loss_fn: must return a scalar tensor, the mean loss over the batch; got {got}. "
-                "Use reduction='mean' (e.g. nn.CrossEntropyLoss())."
-            )
-        return loss.reshape(())
-
-    # --------------------------------------------------------------- batches
-    def _batches(self, progress: bool | None = None) -> Iterator[tuple[int, Any, Tensor, int]]:
-        """Yield ``(index, inputs, targets, num_samples)``, checked and cast."""
-        progress = self.progress if progress is None else progress
-        source: Any = self._data.batches()
-        if progress and not self._data.single:
-            from tqdm.auto import tqdm
-
-            source = tqdm(
-                source, total=len(self._data) or None, desc=type(self).__name__, leave=False,
-                disable=None, unit="batch",
-            )
-        for index, inputs, targets, size in source:
-            if self._data.single and self._single_cache is not None:
-                inputs, targets = self._single_cache
-            else:
-                check_devices(inputs, targets, self.device, index)
-                inputs, targets = cast_batch(inputs, targets, self._cast_dtype)
-                if self._data.single:
-                    self._single_cache = (inputs, targets)
-            yield index, inputs, targets, size
-
-    def _collective_device(self) -> torch.device:
-        """Where collectives run: the current CUDA device for NCCL, else the CPU."""
-        if torch.distributed.get_backend() == "nccl":
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
-
-    def _global_count(self, local: int) -> int:
-        if not distributed_active():
-            return local
-        t = torch.tensor([float(local)], dtype=torch.float64, device=self._collective_device())
-        return int(round(_all_reduce_sum_(t).item()))
-
-    def _reduce(self, t: Tensor) -> Tensor:
-        """Sum ``t`` over ranks (no-op without torch.distributed)."""
-        if not distributed_active():
-            return t
-        dev = self._collective_device()
-        if dev != t.device:
-            return _all_reduce_sum_(t.to(dev)).to(t.device)
-        return _all_reduce_sum_(t)
+        return self._md.loss(output, targets)
 
     def _validate_first_batch(self) -> None:
         """One forward pass on the first batch: devices, input dtypes, a finite scalar loss."""
-        for index, inputs, targets, _ in self._batches(progress=False):
-            with torch.no_grad(), self._model_mode():
-                selected, others = self._tensors()
-                out = self._check_output(self._forward({**others, **selected}, inputs))
-                loss = self._loss(out, targets)
-            if not loss.is_floating_point():
-                raise HesslabError(
-                    f"loss_fn: returned a {loss.dtype} loss; expected a floating scalar"
-                )
-            if not bool(torch.isfinite(loss)):
-                raise HesslabError(
-                    f"loss_fn: the loss is {loss.item()} on batch {index} of data; check the inputs "
-                    "and targets for NaN/Inf and the model's parameters"
-                )
-            return
+        index, inputs, targets, _ = self._md.first_batch()
+        with torch.no_grad(), self._md.model_mode():
+            selected, others = self._tensors()
+            out = self._check_output(self._md.forward({**others, **selected}, inputs, first=True))
+            self._md.check_targets(out, targets, index)
+            loss = self._loss(out, targets)
+        self._md.check_differentiable(out, targets)
+        if not loss.is_floating_point():
+            raise HesslabError(f"loss_fn: returned a {loss.dtype} loss; expected a floating scalar")
+        if not bool(torch.isfinite(loss)):
+            raise HesslabError(
+                f"loss_fn: the loss is {loss.item()} on batch {index} of data; check the inputs "
+                "and targets for NaN/Inf and the model's parameters"
+            )
 
     # -------------------------------------------------------------- products
     def _matmat(self, V: Tensor) -> Tensor:
-        return self._product(V, reuse=self._reuse)
+        out = self._product(V, reuse=self._reuse)
+        if self._check_derivatives and type(self)._difference is not None:
+            self._check_derivatives = False  # once, at the first product
+            own = self._md.single and not self.train_mode and not distributed_active()
+            check_first_product(self, V[:, 0], out[:, 0] if own else None, type(self)._difference)
+        return out
 
     def _product(self, V: Tensor, reuse: bool) -> Tensor:
         """(1/N) Σ_k n_k A_k V over all batches (and ranks); V (n, b) -> (n, b)."""
@@ -457,18 +314,16 @@ class CurvatureOperator(LinearOperator):
         Vs = columns_to_params(V, self.param_shapes)  # [(b, *s_i)]
         acc = None
         count = 0
-        with torch.enable_grad(), self._model_mode():
-            for _, inputs, targets, size in self._batches():
+        with torch.enable_grad(), self._md.model_mode():
+            for _, inputs, targets, size in self._md.batches():
                 parts = self._batch_product(inputs, targets, Vs, reuse)  # [(b, *s_i)]
                 cols = params_to_columns(parts)  # (n, b), a fresh tensor
                 acc = cols.mul_(size) if acc is None else acc.add_(cols, alpha=size)
                 count += size
         if acc is None:
             acc = torch.zeros(n, b, dtype=self.dtype, device=self.device)
-        if self._num_data is None:
-            self._num_data = self._global_count(count)
-        acc = self._reduce(acc)
-        acc.div_(self._num_data)
+        num_data = self._md.set_count(count)
+        acc = all_reduce_sum_(acc).div_(num_data)
         if not bool(torch.isfinite(acc).all()):
             self._diagnose_nonfinite(V, "product")
         return acc
@@ -478,7 +333,7 @@ class CurvatureOperator(LinearOperator):
     ) -> list[Tensor]:
         """One batch's block product [(b, *s_i)], by the kept graph, torch.func or autograd."""
         if reuse:
-            key = self._version_key()
+            key = self._md.version_key()
             if self._state is None or self._state_key != key:
                 self._state = None  # free the old graph first
                 selected, others = self._tensors()
@@ -497,10 +352,9 @@ class CurvatureOperator(LinearOperator):
     ) -> list[Tensor | None]:
         """Vector-Jacobian products of ``outputs`` w.r.t. ``inputs`` for b stacked cotangents.
 
-        In ``"auto"`` column mode, the first call with b >= 5 columns measures both ways
-        on the columns it has to compute anyway (one column to warm up, a few one at a
-        time, the rest batched), keeps the faster for the operator's lifetime and wastes
-        nothing; smaller blocks use the device's default until then.
+        Batched (``is_grads_batched``) or one column at a time, by :attr:`column_mode`;
+        a batched call that fails for want of a batching rule switches the operator to
+        the loop for good and records why in ``column_fallback``.
 
         Args:
             outputs: Tensors o_i (all requiring grad).
@@ -510,72 +364,13 @@ class CurvatureOperator(LinearOperator):
         Returns:
             Per input x_j: shape (b, *x_j.shape), or None where unused.
         """
-        b = grad_outputs[0].shape[0]
-        mode = self._column_mode
-        if mode == "auto":
-            if b >= 5:
-                return self._tune_columns(outputs, inputs, grad_outputs)
-            mode = "loop" if self.device.type == "cpu" else "batched"
-        if mode == "batched":
+        if self._column_mode == "batched":
             try:
-                return self._grad_batched(outputs, inputs, grad_outputs)
-            except RuntimeError:
-                self._column_mode = "loop"  # no batching rule for some op of the model
-        return self._grad_loop(outputs, inputs, grad_outputs)
-
-    @staticmethod
-    def _grad_batched(outputs, inputs, grad_outputs) -> list[Tensor | None]:
-        return list(
-            torch.autograd.grad(
-                outputs, inputs, grad_outputs, retain_graph=True, is_grads_batched=True,
-                allow_unused=True,
-            )
-        )
-
-    @staticmethod
-    def _grad_loop(outputs, inputs, grad_outputs) -> list[Tensor | None]:
-        b = grad_outputs[0].shape[0]
-        cols = [
-            torch.autograd.grad(
-                outputs, inputs, [g[j] for g in grad_outputs], retain_graph=True, allow_unused=True
-            )
-            for j in range(b)
-        ]
-        return [
-            None if cols[0][i] is None else torch.stack([c[i] for c in cols])
-            for i in range(len(inputs))
-        ]
-
-    def _tune_columns(self, outputs, inputs, grad_outputs) -> list[Tensor | None]:
-        b = grad_outputs[0].shape[0]
-        k = min(4, (b - 1) // 2)
-
-        def timed(fn, lo: int, hi: int) -> tuple[list[Tensor | None], float]:
-            self._sync()
-            t0 = time.perf_counter()
-            out = fn(outputs, inputs, [g[lo:hi] for g in grad_outputs])
-            self._sync()
-            return out, (time.perf_counter() - t0) / (hi - lo)
-
-        parts = [self._grad_loop(outputs, inputs, [g[:1] for g in grad_outputs])]  # warm-up
-        loop_part, t_loop = timed(self._grad_loop, 1, 1 + k)
-        parts.append(loop_part)
-        try:
-            batched_part, t_batched = timed(self._grad_batched, 1 + k, b)
-        except RuntimeError:
-            t_batched = math.inf
-            batched_part = self._grad_loop(outputs, inputs, [g[1 + k :] for g in grad_outputs])
-        parts.append(batched_part)
-        self._column_mode = "batched" if t_batched < t_loop else "loop"
-        self.column_timings = {"loop": t_loop, "batched": t_batched}
-        return [
-            None if parts[0][i] is None else torch.cat([p[i] for p in parts])
-            for i in range(len(inputs))
-        ]
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+                return _grad_batched(outputs, inputs, grad_outputs)
+            except RuntimeError as err:  # no batching rule for some op of the model
+                self._column_mode = "loop"
+                self.column_fallback = str(err).split("\n")[0]
+        return _grad_loop(outputs, inputs, grad_outputs)
 
     def _leaves(self, selected: dict[str, Tensor]) -> list[Tensor]:
         return [selected[k].detach().requires_grad_(True) for k in self.param_names]
@@ -584,6 +379,9 @@ class CurvatureOperator(LinearOperator):
         return [torch.zeros(b, *s, dtype=self.dtype, device=self.device) for s in self.param_shapes]
 
     # Subclass hooks ---------------------------------------------------------
+    #: The difference quotient checking the first product (None: no check).
+    _difference: Difference | None = None
+
     def _func_product(
         self, selected: dict[str, Tensor], others: dict[str, Tensor], inputs: Any, targets: Tensor,
         Vs: list[Tensor],
@@ -602,38 +400,11 @@ class CurvatureOperator(LinearOperator):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ checks
-    def _check_determinism(self) -> None:
-        gen = torch.Generator().manual_seed(0)
-        v = torch.randn(self.shape[0], 1, generator=gen, dtype=torch.float64)
-        v = v.to(device=self.device, dtype=self.dtype)
-        p1 = self._product(v, reuse=False)
-        p2 = self._product(v, reuse=False)
-        diff = float((p1 - p2).norm())
-        scale = max(float(p1.norm()), float(p2.norm()))
-        tol = 10 * math.sqrt(torch.finfo(self.dtype).eps)
-        if diff > tol * scale:
-            raise HesslabError(
-                f"check_deterministic: two products of {type(self).__name__} with the same vector "
-                f"differ (relative difference {diff / scale:.3g} > {tol:.1e}), so the operator is "
-                "not a fixed matrix. "
-                + (
-                    "In train mode (train_mode=True) dropout draws new masks on every forward pass "
-                    "and BatchNorm normalizes with the statistics of each batch, which change when "
-                    "the data is shuffled or augmented. "
-                    if self.train_mode
-                    else "The data changes between passes (shuffling with BatchNorm in train mode, "
-                    "random augmentation) or the model is random. "
-                )
-                + "Use eval mode (train_mode=False, the default), remove dropout, fix the batches "
-                "(a list of tensors, no augmentation), or pass check_deterministic=False to "
-                "accept a random operator."
-            )
-
     def _diagnose_nonfinite(self, V: Tensor | None, what: str) -> None:
         if V is not None and not bool(torch.isfinite(V).all()):
             raise HesslabError("V: the block of vectors holds NaN or Inf entries")
-        with torch.no_grad(), self._model_mode():
-            for index, inputs, targets, _ in self._batches(progress=False):
+        with torch.no_grad(), self._md.model_mode():
+            for index, inputs, targets, _ in self._md.batches(progress=False):
                 selected, others = self._tensors()
                 loss = self._loss(self._forward({**others, **selected}, inputs), targets)
                 if not bool(torch.isfinite(loss)):
@@ -656,175 +427,83 @@ class CurvatureOperator(LinearOperator):
         """∇L(θ), the gradient of the mean loss over all of the data (and ranks); shape (n,)."""
         return self._loss_and_gradient(need_grad=True)[1]
 
+    def _batch_gradient(
+        self, inputs: Any, targets: Tensor, full: dict[str, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """``(L_k, ∇L_k)`` of one batch; shapes () and (n,).
+
+        Args:
+            full: Parameters and buffers by name to evaluate at (default: the model's).
+        """
+        if full is None:
+            selected, others = self._tensors()
+        else:
+            others = dict(full)
+            selected = {k: others.pop(k) for k in self.param_names}
+        leaves = self._leaves(selected)
+        tensors = {**others, **dict(zip(self.param_names, leaves))}
+        loss = self._loss(self._forward(tensors, inputs), targets)
+        grads = (
+            torch.autograd.grad(loss, leaves, allow_unused=True)
+            if loss.requires_grad
+            else [None] * len(leaves)
+        )
+        return loss, flatten_grads(grads, leaves)
+
     def _loss_and_gradient(self, need_grad: bool) -> tuple[float, Tensor | None]:
         n = self.shape[0]
         g_acc = torch.zeros(n, dtype=self.dtype, device=self.device) if need_grad else None
         l_acc = torch.zeros(1, dtype=torch.float64, device=self.device)
         count = 0
         ctx = torch.enable_grad() if need_grad else torch.no_grad()
-        with ctx, self._model_mode():
-            for _, inputs, targets, size in self._batches():
-                selected, others = self._tensors()
+        with ctx, self._md.model_mode():
+            for _, inputs, targets, size in self._md.batches():
                 if need_grad:
-                    leaves = self._leaves(selected)
-                    tensors = {**others, **dict(zip(self.param_names, leaves))}
-                    loss = self._loss(self._forward(tensors, inputs), targets)
-                    grads = (
-                        torch.autograd.grad(loss, leaves, allow_unused=True)
-                        if loss.requires_grad
-                        else [None] * len(leaves)
-                    )
-                    flat = torch.cat([
-                        (torch.zeros_like(x) if g is None else g).reshape(-1)
-                        for g, x in zip(grads, leaves)
-                    ])
+                    loss, flat = self._batch_gradient(inputs, targets)
                     g_acc.add_(flat, alpha=size)
                 else:
+                    selected, others = self._tensors()
                     loss = self._loss(self._forward({**others, **selected}, inputs), targets)
                 l_acc.add_(loss.detach().to(torch.float64), alpha=size)
                 count += size
-        if self._num_data is None:
-            self._num_data = self._global_count(count)
-        l_acc = self._reduce(l_acc) / self._num_data
-        value = float(l_acc.item())
+        num_data = self._md.set_count(count)
+        value = float((all_reduce_sum_(l_acc) / num_data).item())
         if not math.isfinite(value):
             self._diagnose_nonfinite(None, "loss")
         if g_acc is not None:
-            g_acc = self._reduce(g_acc).div_(self._num_data)
+            g_acc = all_reduce_sum_(g_acc).div_(num_data)
             if not bool(torch.isfinite(g_acc).all()):
                 self._diagnose_nonfinite(None, "gradient")
         return value, g_acc
 
 
-def _jvp_with_targets(
-    fn: Callable[[Any, Tensor], Any], primal: Any, tangent: Any, targets: Tensor
-) -> Any:
-    """The jvp of ``x -> fn(x, targets)`` at ``primal`` in direction ``tangent``.
-
-    Floating targets get an explicit zero tangent: without one, forward-mode AD through
-    the backward of some losses (``mse_loss``) writes into an immutable ZeroTensor
-    (torch 2.x: "ZeroTensors are immutable").
-    """
-    if targets.is_floating_point():
-        return torch.func.jvp(fn, (primal, targets), (tangent, torch.zeros_like(targets)))[1]
-    return torch.func.jvp(lambda x: fn(x, targets), (primal,), (tangent,))[1]
+def _column_rule(batched_columns: bool | str, device: torch.device) -> str:
+    """The column mode by rule: forced, or ``"loop"`` on the CPU and ``"batched"`` elsewhere."""
+    if batched_columns == "auto":
+        return "loop" if device.type == "cpu" else "batched"
+    return "batched" if batched_columns else "loop"
 
 
-def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
-    return t.to(dtype) if t.is_floating_point() else t
-
-
-class Hessian(CurvatureOperator):
-    """The Hessian H = ∇²L(θ) of the sample-mean loss over all of the data.
-
-    H = (1/N) Σ_k n_k ∇²_θ L_k with L_k the mean loss of batch k (see the module
-    docstring for the notation). Products are exact; b columns share one pass over the
-    data. See :class:`CurvatureOperator` for the arguments.
-
-    Example:
-        >>> H = Hessian(model, nn.CrossEntropyLoss(), (X, y), dtype=torch.float64)
-        >>> Hv = H @ v              # (n,) -> (n,)
-        >>> HV = H @ V              # (n, b) -> (n, b), one data pass
-        >>> H_block = Hessian(model, loss_fn, loader, params="fc2.*")
-    """
-
-    def _func_product(self, selected, others, inputs, targets, Vs):
-        def loss_of(p: dict[str, Tensor], t: Tensor) -> Tensor:
-            return self._loss(self._forward({**others, **p}, inputs), t)
-
-        grad_fn = torch.func.grad(loss_of)  # ∇_θ L_k, argnums=0
-
-        def hvp(v: dict[str, Tensor]) -> dict[str, Tensor]:
-            return _jvp_with_targets(grad_fn, selected, v, targets)
-
-        V_dict = dict(zip(self.param_names, Vs))  # {name: (b, *s)}
-        randomness = "same" if self.train_mode else "error"
-        return torch.func.vmap(hvp, randomness=randomness)(V_dict)
-
-    def _build_state(self, selected, others, inputs, targets):
-        leaves = self._leaves(selected)
-        out = self._forward({**others, **dict(zip(self.param_names, leaves))}, inputs)
-        loss = self._loss(out, targets)
-        grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
-        return _State(leaves=leaves, tensors={"grads": grads}, loss=loss.detach())
-
-    def _apply_state(self, state, Vs):
-        grads = state.tensors["grads"]
-        b = Vs[0].shape[0]
-        used = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
-        if not used:
-            return self._zeros(b)
-        # H V = ∂/∂θ ⟨g(θ), V⟩, for all b columns at once
-        out = self._batched_grad([grads[i] for i in used], state.leaves, [Vs[i] for i in used])
-        zeros = self._zeros(b)
-        return [zeros[i] if o is None else o.detach() for i, o in enumerate(out)]
-
-
-class GGN(CurvatureOperator):
-    """The generalized Gauss-Newton matrix G = (1/N) Σ_k n_k J_kᵀ (∇²_z L_k) J_k.
-
-    The outer-product part H_O of the Hessian (Singh et al.): exact for any loss of the
-    outputs, e.g. cross-entropy and MSE; positive semi-definite when the loss is convex
-    in the outputs. ``Hessian(...) - GGN(...)`` is the functional part H_F.
-    Products: J V by forward mode (``jvp``), the loss Hessian on the outputs by
-    forward-over-reverse, Jᵀ by ``vjp``, each batched over the b columns (the autograd
-    path obtains J V by differentiating Jᵀu with respect to u). The model must return
-    one tensor. See :class:`CurvatureOperator` for the arguments.
-    """
-
-    def _func_product(self, selected, others, inputs, targets, Vs):
-        def f(p: dict[str, Tensor]) -> Tensor:
-            return self._check_output(self._forward({**others, **p}, inputs))
-
-        randomness = "same" if self.train_mode else "error"
-        out, vjp_fn = torch.func.vjp(f, selected)  # out: (*z)
-        V_dict = dict(zip(self.param_names, Vs))
-        def jvp_f(v: dict[str, Tensor]) -> Tensor:
-            return torch.func.jvp(f, (selected,), (v,))[1]
-
-        JV = torch.func.vmap(jvp_f, randomness=randomness)(V_dict)  # (b, *z)
-        z = out.detach()
-        grad_z = torch.func.grad(self._loss)  # ∇_z L_k(z, targets)
-        HJV = torch.func.vmap(lambda u: _jvp_with_targets(grad_z, z, u, targets))(JV)  # (b, *z)
-        return torch.func.vmap(vjp_fn)(HJV)[0]
-
-    def _check_output(self, out: Any) -> Tensor:
-        if not isinstance(out, Tensor):
-            raise HesslabError(
-                f"model: the GGN needs a model returning one tensor, got {type(out).__name__}"
-            )
-        return out
-
-    def _build_state(self, selected, others, inputs, targets):
-        leaves = self._leaves(selected)
-        out = self._check_output(
-            self._forward({**others, **dict(zip(self.param_names, leaves))}, inputs)
+def _grad_batched(outputs, inputs, grad_outputs) -> list[Tensor | None]:
+    """All b cotangents through one batched backward (``is_grads_batched``, vmap)."""
+    return list(
+        torch.autograd.grad(
+            outputs, inputs, grad_outputs, retain_graph=True, is_grads_batched=True,
+            allow_unused=True,
         )
-        z = out.detach().requires_grad_(True)
-        loss = self._loss(z, targets)
-        (grad_z,) = torch.autograd.grad(loss, z, create_graph=True)
-        tensors: dict[str, Any] = {"out": out, "z": z, "grad_z": grad_z}
-        if out.requires_grad:
-            u = torch.zeros_like(out, requires_grad=True)
-            # Jᵀu, linear in u: its derivative with respect to u in direction V is J V
-            jtu = torch.autograd.grad(out, leaves, u, create_graph=True, allow_unused=True)
-            tensors.update(u=u, jtu=jtu)
-        return _State(leaves=leaves, tensors=tensors, loss=loss.detach())
+    )
 
-    def _apply_state(self, state, Vs):
-        t = state.tensors
-        b = Vs[0].shape[0]
-        if "u" not in t:
-            return self._zeros(b)
-        used = [i for i, g in enumerate(t["jtu"]) if g is not None and g.requires_grad]
-        if not used:
-            return self._zeros(b)
-        (JV,) = self._batched_grad([t["jtu"][i] for i in used], [t["u"]], [Vs[i] for i in used])
-        if JV is None or not t["grad_z"].requires_grad:
-            return self._zeros(b)
-        (HJV,) = self._batched_grad([t["grad_z"]], [t["z"]], [JV])  # (b, *z)
-        if HJV is None:
-            return self._zeros(b)
-        out = self._batched_grad([t["out"]], state.leaves, [HJV])
-        zeros = self._zeros(b)
-        return [zeros[i] if o is None else o.detach() for i, o in enumerate(out)]
+
+def _grad_loop(outputs, inputs, grad_outputs) -> list[Tensor | None]:
+    """The b cotangents one at a time over the same graph, stacked batch first."""
+    b = grad_outputs[0].shape[0]
+    cols = [
+        torch.autograd.grad(
+            outputs, inputs, [g[j] for g in grad_outputs], retain_graph=True, allow_unused=True
+        )
+        for j in range(b)
+    ]
+    return [
+        None if cols[0][i] is None else torch.stack([c[i] for c in cols])
+        for i in range(len(inputs))
+    ]

@@ -177,12 +177,13 @@ def check_devices(inputs: Any, targets: Tensor, device: torch.device, index: int
             )
 
 
+def cast_floating(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype`` when it is floating; integer (and boolean) tensors stay as they are."""
+    return t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
+
+
 def cast_batch(inputs: Any, targets: Tensor, dtype: torch.dtype | None) -> Batch:
     """Cast the floating tensors of a batch to ``dtype`` (integers stay as they are)."""
     if dtype is None:
         return inputs, targets
-
-    def _cast(t: Tensor) -> Tensor:
-        return t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
-
-    return map_inputs(inputs, _cast), _cast(targets)
+    return map_inputs(inputs, lambda t: cast_floating(t, dtype)), cast_floating(targets, dtype)

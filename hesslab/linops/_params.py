@@ -157,6 +157,13 @@ def flatten_tensors(tensors: Sequence[Tensor], shapes: Sequence[torch.Size]) -> 
     )
 
 
+def flatten_grads(grads: Sequence[Tensor | None], like: Sequence[Tensor]) -> Tensor:
+    """Concatenate gradients flattened, with zeros for unused tensors (None); shape (n,)."""
+    return torch.cat([
+        (torch.zeros_like(x) if g is None else g).reshape(-1) for g, x in zip(grads, like)
+    ])
+
+
 def unflatten_vector(vec: Tensor, shapes: Sequence[torch.Size]) -> list[Tensor]:
     """Split a flat vector (n,) or block (n, b) into per-parameter tensors.
 
