@@ -18,6 +18,19 @@ built, CUDA) kernels. This module:
 * falls back to the pure-torch twins in :mod:`hesslab.reference` (with a warning, once)
   when the extension is not built at all, e.g. when running from a source tree.
 
+Determinism (what a resumed run can rely on): every kernel is bitwise reproducible run to
+run. On the CPU the same inputs give the same bits whatever the thread count (fixed
+segments, sums in a fixed order). On CUDA the Lanczos ops reduce in two stages without
+atomics (per-block partial sums, then a fixed-order sum over the blocks; the grid depends
+only on n) and the Kronecker GEMMs compute every output tile in one block in a fixed K
+order, so the same inputs give the same bits on the same GPU model with the same build.
+Results are *not* bitwise equal across backends (CPU and CUDA add in different fixed
+orders: they agree to rounding) nor across GPU architectures or builds. A checkpointed
+Krylov run resumed on the same device, GPU model and build therefore continues bit for bit
+as the uninterrupted run would, provided the operator's own products are deterministic
+(on a GPU, autograd products may use non-deterministic cuBLAS/cuDNN/atomic kernels unless
+``torch.use_deterministic_algorithms(True)`` is set); resumed elsewhere it agrees to rounding.
+
 Conventions: Lanczos bases ``Q`` are (b, m, n), float32 or float64, with inner products
 accumulated in float64. Kronecker layers use PyTorch's row-major vec: for V of shape
 (out, in), (B ⊗ A) vec(V) = vec(B V Aᵀ), and a flat (b, N) tensor concatenates the
@@ -138,9 +151,15 @@ def lanczos_step_(Q: Tensor, w: Tensor, beta_prev: Tensor, j: int, tol: float = 
     with float64 accumulation that is nearly every step of a float32 basis, one sweep
     over Q saved out of three.
 
+    The CPU and CUDA kernels follow one plan (csrc/common/gram_schmidt_plan.h): d = Q w,
+    w −= Qᵀd (the recurrence and the first pass at once), c = Q w, the second update only
+    where needed; alpha = d_j (+ c_j), with one breakdown rule.
+
     Args:
-        Q: (b, m, n) Krylov bases, rows 0..j orthonormal; row j+1 is written.
-        w: (b, n) on entry A q_j; on exit the residual beta · q_{j+1}.
+        Q: (b, m, n) Krylov bases, rows 0..j orthonormal; row j+1 is written. Must be
+            contiguous (it is mutated: a strided one is refused, never copied).
+        w: (b, n) on entry A q_j; on exit the residual beta · q_{j+1}. Contiguous, and
+            sharing no memory with Q or beta_prev (an alias such as ``Q[:, 1]`` is refused).
         beta_prev: (b,) float64, the previous beta (ignored when j = 0).
         j: the current row, 0 ≤ j < m.
         tol: breakdown when beta ≤ tol · (‖w_in‖ + |beta_prev|), i.e. when reorthogonalization
@@ -160,7 +179,8 @@ def lanczos_step_(Q: Tensor, w: Tensor, beta_prev: Tensor, j: int, tol: float = 
 
 def reorthogonalize_(Q: Tensor, w: Tensor, j: int) -> Tensor:
     """CGS2 of w (b, n) against the first j rows of Q (b, m, n), in place (the second
-    update only where needed, as in :func:`lanczos_step_`).
+    update only where needed, as in :func:`lanczos_step_`). w must be contiguous and share
+    no memory with Q (which is only read, and may be strided).
 
     Returns:
         (b, j) float64: the sum of the applied passes' coefficients ⟨q_r, w⟩.
