@@ -67,7 +67,8 @@ def lanczos_step(
     if j + 1 < Q.shape[1]:
         zero = breakdown | ~(beta > 0)
         scale = torch.where(zero, torch.zeros_like(beta), 1.0 / torch.where(zero, 1.0, beta))
-        Q[:, j + 1] = (x * scale.to(x.dtype).unsqueeze(1)).to(Q.dtype)
+        row = torch.where(zero.unsqueeze(1), torch.zeros_like(x), x * scale.to(x.dtype).unsqueeze(1))
+        Q[:, j + 1] = row.to(Q.dtype)  # exactly 0 on breakdown, even for a NaN residual
     return alpha, beta, breakdown
 
 

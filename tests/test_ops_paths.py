@@ -206,3 +206,16 @@ def test_ops_on_the_second_gpu_while_the_first_is_current():
         with pytest.raises(ValueError, match="argument 'w' must be on the device of 'Q'"):
             torch.ops.hesslab.lanczos_step_(Q, w, torch.zeros(2, dtype=torch.float64, device=dev), 1, 1e-10)
         assert torch.cuda.current_device() == 0
+
+
+def test_nan_input_reaches_alpha_and_beta_and_the_next_row_stays_finite(dtype, device):
+    """The plan's skip rule lets NaN take the second update, so a NaN product shows up in
+    alpha and beta (the driver checks them) while the next row is written as zeros."""
+    b, m, n, j = 2, 4, 300, 1
+    Q = _basis(b, m, n, j + 1, dtype, device)
+    w = torch.randn(b, n, dtype=dtype, device=device)
+    w[0, 7] = float("nan")
+    a, bt, br = _ops.lanczos_step_(Q, w, torch.rand(b, dtype=torch.float64, device=device), j, 1e-10)
+    assert torch.isnan(a[0]) and torch.isnan(bt[0]) and not br[0]
+    assert torch.isfinite(a[1]) and torch.isfinite(bt[1])
+    assert torch.isfinite(Q[:, j + 1]).all() and (Q[0, j + 1] == 0).all()

@@ -24,8 +24,9 @@
 //   beta      = sqrt(final_norm2(again, n_mid2, n_out2))
 //   breakdown = is_breakdown(beta, n_in2, beta_prev, j, tol):
 //               beta <= tol * (||w_in|| + (j > 0 ? |beta_prev| : 0))
-//   Q[i, j+1] = w * next_row_scale(beta, breakdown)  (0 on breakdown or beta not > 0:
-//               never NaN/Inf), when j + 1 < m; w keeps the unnormalised residual.
+//   Q[i, j+1] = next_row_entry(w_x, next_row_scale(beta, breakdown)) for every entry x:
+//               w / beta, or exactly 0 on breakdown or when beta is not > 0 (a NaN
+//               residual included: never NaN/Inf), when j + 1 < m; w keeps the residual.
 //
 // The three-term recurrence w -= alpha q_j + beta_prev q_{j-1} is the part of sweep 2
 // along rows j and j - 1: d_j = <w_in, q_j> is alpha's first term and d_{j-1} equals
@@ -90,6 +91,12 @@ HESSLAB_HOST_DEVICE inline bool is_breakdown(double beta, double in_norm2, doubl
 // beta is not > 0 (so the row is never NaN/Inf, even for tol < 0).
 HESSLAB_HOST_DEVICE inline double next_row_scale(double beta, bool breakdown) {
   return (breakdown || !(beta > 0.0)) ? 0.0 : 1.0 / beta;
+}
+
+// One entry of Q[i, j+1] from the residual's entry w_x: exactly 0 where the scale is 0
+// (not w_x * 0, which is NaN for a NaN or infinite entry), else w_x / beta.
+HESSLAB_HOST_DEVICE inline double next_row_entry(double w_x, double scale) {
+  return scale == 0.0 ? 0.0 : w_x * scale;
 }
 
 }  // namespace plan

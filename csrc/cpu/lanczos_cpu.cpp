@@ -148,7 +148,7 @@ void lanczos_step_kernel(T* Q, T* w, const double* beta_prev, int64_t b, int64_t
       T* next = Q + i * m * n + (j + 1) * n;
       const T* wi = w + i * n;
       const double s = scale[i];
-      for (int64_t x = 0; x < n; ++x) next[x] = static_cast<T>(static_cast<double>(wi[x]) * s);
+      for (int64_t x = 0; x < n; ++x) next[x] = static_cast<T>(plan::next_row_entry(static_cast<double>(wi[x]), s));
     }
   });
 }

@@ -282,7 +282,7 @@ __global__ void __launch_bounds__(kBlockThreads)
   ws.scale[i] = plan::next_row_scale(beta_i, broke);
 }
 
-// q_next[i*q_run + x] = w[i, x] * scale[i] (scale 0 on breakdown: see the plan).
+// q_next[i*q_run + x] = plan::next_row_entry(w[i, x], scale[i]) (0 on breakdown: see the plan).
 template <typename T>
 __global__ void __launch_bounds__(kBlockThreads)
     normalize_kernel(const T* w, const double* scale, T* q_next, int64_t q_run, int64_t b,
@@ -294,7 +294,7 @@ __global__ void __launch_bounds__(kBlockThreads)
     T* qi = q_next + i * q_run;
     for (int64_t x = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; x < n;
          x += stride) {
-      qi[x] = static_cast<T>(static_cast<double>(wi[x]) * s);
+      qi[x] = static_cast<T>(plan::next_row_entry(static_cast<double>(wi[x]), s));
     }
   }
 }
