@@ -165,7 +165,8 @@ __global__ void __launch_bounds__(kBlockThreads)
 
 // Float64 workspace, carved from one buffer: sums of sweeps 1, 2 (dots then norms, the
 // layout launch_sums writes) and 3, the skip flags, the next row's scale and the partial
-// sums of the two-stage reductions.
+// sums of the two-stage reductions. The partial sums take G * b * (rows + 1) doubles with
+// G <= n / 256: at most ~1% of the basis' own bytes (2 (rows + 1) / (256 m) of a float32 Q).
 struct Workspace {
   double* s1;       // (b*rows + b)  d, then ||w_in||^2
   double* s2;       // (b*rows + b)  c, then ||w||^2 after sweep 2
