@@ -112,6 +112,8 @@ class Measurements:
             fit = r["power_law"]
             out.update(power_law_s=fit.s, power_law_s_std_error=fit.s_std_error, power_law_k=fit.k,
                        ks_distance=fit.ks_distance, ks_critical=fit.ks_critical, is_power_law=fit.is_power_law,
+                       power_law_verdict=fit.verdict, power_law_reason=fit.verdict_reason,
+                       power_law_lambda1_ratio=fit.lambda1_ratio,
                        s_lstsq=fit.s_lstsq, r2_lstsq=fit.r2)
         if "outliers_top" in r:
             out.update(outliers_top_k=r["outliers_top"].count, bulk_edge=r["outliers_top"].bulk_edge)
