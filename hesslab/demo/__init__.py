@@ -34,7 +34,7 @@ from hesslab.analysis.pipeline import MEASURES
 
 from ._analyze import run_analysis
 from ._config import ANALYZE_MEASURES, Budget, DemoConfig
-from ._kfac import KfacAnalysis, kfac_analysis
+from ._kfac import KfacAnalysis, choose_layers, kfac_analysis
 from ._measure import ModelAnalysis, measure_model
 from ._rank import rank_analysis
 from ._report import build_analysis_report, build_demo_report
@@ -42,5 +42,5 @@ from ._run import run_demo
 from ._stages import Stages, warnings_as_log
 
 __all__ = ["Budget", "DemoConfig", "ModelAnalysis", "KfacAnalysis", "Stages", "measure_model", "kfac_analysis",
-           "rank_analysis", "run_demo", "run_analysis", "MEASURES", "ANALYZE_MEASURES", "build_demo_report",
+           "rank_analysis", "choose_layers", "run_demo", "run_analysis", "MEASURES", "ANALYZE_MEASURES", "build_demo_report",
            "build_analysis_report", "warnings_as_log"]

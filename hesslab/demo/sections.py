@@ -382,7 +382,7 @@ def xie_section(rep: Report, analyses: Mapping[str, Any], log: Any = None) -> No
             if fit is not None:
                 nums += [("ŝ (MLE) ± s.e.", f"{fmt(fit.s)} ± {fmt(fit.s_std_error, 2)}"),
                          ("d_ks / d_c", f"{fmt(fit.ks_distance)} / {fmt(fit.ks_critical)}"),
-                         ("verdict", "power law" if fit.is_power_law else "not a power law"),
+                         ("verdict", f"{fit.verdict}: {fit.verdict_reason}"),
                          ("least squares s, R²", f"{fmt(fit.s_lstsq)}, {fmt(fit.r2)}")]
             sec.figure(
                 f"top_eigenvalues_{label}", plots.top_eigenvalues(top, fit, pretty(label)),
@@ -394,9 +394,9 @@ def xie_section(rep: Report, analyses: Mapping[str, Any], log: Any = None) -> No
         safe(sec, f"top eigenvalues of {pretty(label)}", fig, log)
         if fit is not None:
             rows.append([pretty(label), fit.k, fit.s, fit.s_std_error, fit.beta, fit.ks_distance, fit.ks_critical,
-                         fit.is_power_law, fit.s_lstsq, fit.r2, fit.num_dropped])
+                         fit.verdict, fit.s_lstsq, fit.r2, fit.num_dropped])
     if rows:
-        sec.table(["model", "K", "ŝ", "± s.e.", "β̂", "d_ks", "d_c", "power law?", "s (least sq.)", "R²",
+        sec.table(["model", "K", "ŝ", "± s.e.", "β̂", "d_ks", "d_c", "verdict", "s (least sq.)", "R²",
                    "dropped ≤ 0"], rows)
     missing(sec, analyses, "top_k", "top eigenvalues")
     missing(sec, analyses, "power_law", "power-law fit")
