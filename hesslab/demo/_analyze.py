@@ -3,6 +3,7 @@ each measure's cost said before it starts and the run folder rewritten after eac
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,7 @@ class _AnalysisRun:
         self.out, self.stages, self.label, self.requested = out, stages, label, list(requested)
         self.store = ResultStore(out)
         self.costs = CostLog(stages)
+        self.report_done, self.report_seconds = time.perf_counter(), 0.0
         self.analyses: dict[str, ModelAnalysis] = {}
         self.kfacs: dict[str, KfacAnalysis] = {}
         self.summary: dict[str, Any] = {
@@ -120,12 +122,15 @@ class _AnalysisRun:
         }
 
     def update(self, block: str, analysis: ModelAnalysis) -> None:
-        """A measure finished: record it and rewrite the run folder with everything so far."""
+        """A measure finished: record it and rewrite the run folder with everything so far:
+        ``summary.json`` always, the report when the measures since its last rewrite took
+        at least as long as that rewrite did (at most half the run goes to rewriting it;
+        on a model whose measures take minutes, it is rewritten after every one)."""
         self.analyses[block] = analysis
         record_model(self.summary, block, analysis, self.requested)
-        self.write(final=False)
+        self.write(final=False, report=time.perf_counter() - self.report_done >= self.report_seconds)
 
-    def write(self, final: bool) -> dict[str, Any]:
+    def write(self, final: bool, report: bool = True) -> dict[str, Any]:
         from ._report import build_analysis_report
 
         summary = self.summary
@@ -133,6 +138,10 @@ class _AnalysisRun:
         summary["costs"] = list(self.costs.lines)
         headers, rows = summary_rows(self.analyses, {})
         summary["table"] = {"headers": headers, "rows": jsonable(rows)}
-        return write_outputs(self.out, summary,
-                             lambda: build_analysis_report(summary, self.analyses, self.kfacs, self.stages),
-                             self.stages, final=final)
+        t0 = time.perf_counter()
+        build = (lambda: build_analysis_report(summary, self.analyses, self.kfacs, self.stages)) if report else None
+        written = write_outputs(self.out, summary, build, self.stages, final=final)
+        if report:
+            self.report_done = time.perf_counter()
+            self.report_seconds = self.report_done - t0
+        return written

@@ -43,6 +43,8 @@ def format_bytes(n: float) -> str:
 
 
 def format_seconds(s: float) -> str:
+    if s < 1:
+        return f"{s * 1000:.3g} ms"
     if s < 60:
         return f"{s:.1f} s"
     if s < 3600:
