@@ -28,6 +28,7 @@ MAX_KFAC_K = 20
 _RENAMES = (
     (r"run hl\.spectral_density with more num_steps or lower window", "run with a larger --slq-steps"),
     (r"window \+ 2 = ", ""),
+    (r"^density_or_eigenvalues: ", ""),
     (r"reorthogonalize='local'", "--slq-reorthogonalize local"),
     (r"\bnum_steps\b", "--slq-steps"),
     (r"\bnum_probes\b", "--slq-probes"),
