@@ -253,3 +253,23 @@ def test_pyproject_license_is_not_the_deprecated_table():
     assert isinstance(meta["project"]["license"], str)  # a TOML table warns in setuptools >= 77
     assert any(r.startswith("setuptools>=77") for r in meta["build-system"]["requires"])
     assert "browser" in " ".join(meta["tool"]["pytest"]["ini_options"]["markers"])
+
+
+# ======================================================================================
+# 5. the report: long file lists fold
+# ======================================================================================
+
+
+def test_long_file_lists_fold():
+    from hesslab.demo._report import FOLD_ROWS, files_section
+    from hesslab.report import Report
+
+    rep = Report("t")
+    results = [{"name": f"m/r{i}", "type": "EigenResult", "json": f"results/m/r{i}.json"} for i in range(FOLD_ROWS + 5)]
+    files_section(rep, {"results": results, "files": {"checkpoints": [f"checkpoints/c{i}.pt" for i in range(32)]}})
+    html = rep.to_html()
+    assert html.count("<details>") == 2
+    assert f"<summary>{FOLD_ROWS + 5} result files" in html and "<summary>32 checkpoints" in html
+    rep = Report("t")
+    files_section(rep, {"results": results[:3]})
+    assert "<details>" not in rep.to_html()  # a short list stays open

@@ -244,8 +244,10 @@ def tracking_lines(histories: Mapping[str, Any], xlabel: str = "epoch"):
     a_conc.set_ylim(-0.02, 1.02)
     a_conc.set_title("Gradient concentration in the top-k eigenspace")
     a_ks.set_ylabel("Kolmogorov–Smirnov distance")
-    a_ks.set_title("Power-law fit of the top-k eigenvalues (accepted below dotted)")
+    a_ks.set_title("Power-law fit of the top-k eigenvalues (KS accepts below dotted)")
     integer_ticks(a_out, "y")
+    lo, hi = a_out.get_ylim()  # all counts 0: without room for 1 the integer locator falls back to fractions
+    a_out.set_ylim(min(lo, -0.5), max(hi, 1.5))
     for ax in (a_lam, a_out, a_conc, a_ks):
         ax.set_xlabel(xlabel)
         integer_ticks(ax)
