@@ -25,7 +25,8 @@ model's spectrum by :func:`hesslab.analysis.measure_spectrum`, shared with ``ana
 deep linear networks, Singh et al.), ``_run`` (:func:`run_demo`), ``_analyze``
 (:func:`run_analysis`), :mod:`hesslab.demo.sections` (the four papers' report sections),
 ``_report`` (the report pages), ``_text`` (formatting shared by the sections), ``_output``
-(the summary and the report written to the run folder).
+(the summary and the report written to the run folder), ``_cost`` (what each measure will
+cost, said before it starts).
 """
 
 from __future__ import annotations

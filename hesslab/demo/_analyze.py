@@ -20,7 +20,11 @@ from ._measure import ModelAnalysis, measure_model, record_model, summary_rows
 from ._output import summary_header, write_outputs
 from ._stages import Stages
 
-__all__ = ["run_analysis"]
+__all__ = ["run_analysis", "REWRITE_SECONDS"]
+
+#: The report is rewritten after a measure when the measures since its last rewrite took
+#: at least this long (summary.json is rewritten after every measure).
+REWRITE_SECONDS = 5.0
 
 
 def run_analysis(
@@ -86,6 +90,20 @@ def run_analysis(
     if run_set != requested:
         stages.log(f"measures asked for: {', '.join(requested)}; also run, as they need them: "
                    f"{', '.join(m for m in run_set if m not in requested)}")
+    try:
+        _measure(run, model, loss_fn, data, blocks, spectral, run_set, k, seed, budget, hessian_options, loss_name,
+                 kfac_layers)
+    except KeyboardInterrupt:  # keep what was finished: the report and summary.json as far as they got
+        run.write(final=False)
+        raise
+    return run.write(final=True)
+
+
+def _measure(run: _AnalysisRun, model: nn.Module, loss_fn: Callable[..., torch.Tensor], data: Any,
+             blocks: dict[str, Any], spectral: list[str], run_set: list[str], k: int, seed: int, budget: Budget,
+             hessian_options: dict[str, Any] | None, loss_name: str | None, kfac_layers: Any) -> None:
+    """Every block's spectrum, then the Kronecker comparison, into ``run``."""
+    stages, label = run.stages, run.label
     for block, params in blocks.items():
         run.analyses[block] = measure_model(
             block, model, loss_fn, data, spectral, k=k, seed=seed, budget=budget, store=run.store, stages=stages,
@@ -98,10 +116,8 @@ def run_analysis(
         ka = kfac_analysis(
             label, model, loss_fn, data, k=budget.layer_k, seed=seed, store=run.store, stages=stages,
             loss_type=loss_type if not isinstance(loss_fn, (nn.CrossEntropyLoss, nn.MSELoss)) else None,
-            layers=kfac_layers, max_steps=budget.layer_max_steps, cost_log=run.costs)
-        run.kfacs[label] = ka
-        record_kfac(run.summary, label, ka)
-    return run.write(final=True)
+            layers=kfac_layers, max_steps=budget.layer_max_steps, cost_log=run.costs, on_layer=run.update_kfac)
+        run.update_kfac(ka)
 
 
 class _AnalysisRun:
@@ -124,11 +140,22 @@ class _AnalysisRun:
     def update(self, block: str, analysis: ModelAnalysis) -> None:
         """A measure finished: record it and rewrite the run folder with everything so far:
         ``summary.json`` always, the report when the measures since its last rewrite took
-        at least as long as that rewrite did (at most half the run goes to rewriting it;
-        on a model whose measures take minutes, it is rewritten after every one)."""
+        at least :data:`REWRITE_SECONDS` and as long as that rewrite did (so at most half
+        the run goes to rewriting it; on a model whose measures take minutes, it is
+        rewritten after every one). An interrupt (Ctrl-C) writes both before it stops."""
         self.analyses[block] = analysis
         record_model(self.summary, block, analysis, self.requested)
-        self.write(final=False, report=time.perf_counter() - self.report_done >= self.report_seconds)
+        self._rewrite()
+
+    def update_kfac(self, ka: KfacAnalysis) -> None:
+        """A layer of the Kronecker comparison finished: as :meth:`update`."""
+        self.kfacs[ka.label] = ka
+        record_kfac(self.summary, ka.label, ka)
+        self._rewrite()
+
+    def _rewrite(self) -> None:
+        since = time.perf_counter() - self.report_done
+        self.write(final=False, report=since >= max(REWRITE_SECONDS, self.report_seconds))
 
     def write(self, final: bool, report: bool = True) -> dict[str, Any]:
         from ._report import build_analysis_report

@@ -95,3 +95,12 @@ class CostLog:
         line = f"{what}: will cost {', '.join(parts)}"
         self.lines.append(line)
         self.stages.log(f"  {line}")
+
+    def done(self, what: str, record: dict[str, Any]) -> None:
+        """Log what a finished measure took (its pipeline record), beside the estimate."""
+        if record.get("seconds") is None or what.endswith(": loss"):
+            return
+        status = "failed" if "error" in record else "done"
+        line = f"{what}: {status}: {record.get('num_matvecs', 0)} products in {format_seconds(record['seconds'])}"
+        self.lines.append(line)
+        self.stages.log(f"  {line}")

@@ -105,6 +105,7 @@ def kfac_analysis(
     layers: Any = "all",
     max_steps: int | None = None,
     cost_log: Any = None,
+    on_layer: Callable[[KfacAnalysis], None] | None = None,
 ) -> KfacAnalysis:
     """Per Kronecker layer: top-k of E[M] ⊗ E[xxᵀ] and of the exact layer Hessian
     (Lanczos), their eigenspace overlap curve, the low rank of the reshaped eigenvectors
@@ -120,6 +121,7 @@ def kfac_analysis(
         max_steps: At most this many Lanczos steps on each exact block (default: the
             solver's own, up to n of the layer).
         cost_log: Says what each exact block will cost before it starts.
+        on_layer: Called with the analysis so far after each layer's comparison.
     """
     stages = stages or Stages(0, progress=False, verbose=False)
     out = KfacAnalysis(label)
@@ -159,6 +161,8 @@ def kfac_analysis(
                     "memory_bytes": ((steps or min(sizes[name], max(300, 40 * kk))) + 1) * sizes[name] * 8})
             _compare_layer(out, name, kk, exact, tuple(modules[name].weight.shape), num_classes, seed, tol,
                            stages, _saver(store, label), steps)
+        if on_layer is not None:
+            on_layer(out)
     return out
 
 

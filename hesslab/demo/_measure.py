@@ -106,6 +106,8 @@ def measure_model(
         on_error=lambda name, exc: log_failure(stages, name, exc), outliers=outliers,
         on_start=None if cost_log is None else (lambda name, cost: cost_log.start(H, f"{label}: {name}", cost)),
         on_progress=None if on_progress is None else (lambda found: on_progress(snapshot(found))),
+        on_record=None if cost_log is None else (lambda name, record, result: cost_log.done(f"{label}: {name}",
+                                                                                            record)),
     )
     return snapshot(found)
 
