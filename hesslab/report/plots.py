@@ -7,6 +7,7 @@ log-log axes with the power-law fit (Xie et al.).
 
 from __future__ import annotations
 
+import textwrap
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -160,7 +161,9 @@ def low_rank_shares(groups: Mapping[str, Mapping[str, Any]], title: str):
         ax.legend(fontsize="small", loc="lower left")
         ax.grid(alpha=0.25)
     _axes_list(axes)[0].set_ylabel("share of the top singular value σ₁²/Σσ²")
-    fig.suptitle(title)
+    integer_ticks(_axes_list(axes)[0])
+    # One panel (one model) is narrow: wrap the title rather than cut it at the edges.
+    fig.suptitle(textwrap.fill(title, max(30, int(11 * 5.0 * len(groups)))))
     return fig
 
 
