@@ -10,6 +10,9 @@ PY          := $(VENV)/bin/python
 TORCH_SPEC  ?= torch==2.14.1
 HESSLAB_CUDA ?= auto
 PYTEST_ARGS ?=
+# Test models built from configs (transformers, timm, torchvision): installed with --no-deps so
+# that pip cannot replace torch; torchvision matches TORCH_SPEC.
+NODEPS_TEST ?= torchvision==0.29.1 timm==1.0.31
 export HESSLAB_CUDA
 # nvcc on PATH may be a wrapper: point the build at the real toolkit when it is there.
 ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
@@ -39,6 +42,7 @@ $(VENV_STAMP):
 install: $(INSTALL_STAMP)
 
 $(INSTALL_STAMP): $(VENV_STAMP) $(SOURCES) $(INSTALL_FORCE)
+	$(PY) -m pip install -q --no-deps $(NODEPS_TEST)
 	$(PY) -m pip install -q --no-build-isolation -e '.[test,bench]'
 	$(PY) -m hesslab info
 	@rm -f $(VENV)/.hesslab-install-cuda-*
