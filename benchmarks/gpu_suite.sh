@@ -19,9 +19,12 @@
 #                 present; test_ops_fuzz.py): fails if any CUDA variant was skipped
 #   4. memcheck   compute-sanitizer --tool memcheck over the CUDA op tests (small shapes)
 #   5. racecheck  compute-sanitizer --tool racecheck over the same tests (shared memory races)
-#   6. tests      python -m pytest -q -m "not slow" tests, minus the op tests of step 3
-#   7. kernels    python benchmarks/bench_kernels.py --device cuda
-#   8. peers      python benchmarks/bench_peers.py --device cuda --workloads resnet18 (batch 128)
+#   6. e2e        tests/test_device_e2e.py: the public API (products, lanczos, SLQ, trace,
+#                 KFAC, SpectrumTracker, resume) on CUDA against CPU float64 references;
+#                 fails if any CUDA variant was skipped
+#   7. tests      python -m pytest -q -m "not slow" tests, minus the tests of steps 3 and 6
+#   8. kernels    python benchmarks/bench_kernels.py --device cuda
+#   9. peers      python benchmarks/bench_peers.py --device cuda --workloads resnet18 (batch 128)
 # Exit status: 1 if the build, the check, the op tests, a sanitizer or the tests fail (it
 # stops there); 3 if a benchmark fails (both benchmarks are still attempted); 0 otherwise.
 # SKIP_SANITIZER=1 skips steps 4-5 (e.g. when compute-sanitizer is not installed: the
@@ -118,8 +121,12 @@ if [ "${SKIP_SANITIZER:-0}" != 1 ]; then
   done
 fi
 
+step e2e timeout 120 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_device_e2e.py \
+  || fail "the end-to-end tests failed on the GPU (see $OUT_DIR/gpu_suite_e2e.log)"
+no_cuda_skips "$OUT_DIR/gpu_suite_e2e.log"
+
 step tests timeout 300 "$PY" -m pytest -q -m "not slow" -rs -p no:cacheprovider \
-  $(printf -- '--ignore=%s ' "${OP_TESTS[@]}") tests \
+  $(printf -- '--ignore=%s ' "${OP_TESTS[@]}" tests/test_device_e2e.py) tests \
   || fail "the tests failed (see $OUT_DIR/gpu_suite_tests.log)"
 no_cuda_skips "$OUT_DIR/gpu_suite_tests.log"
 
