@@ -12,6 +12,8 @@ the device, with the model and the data there, against a CPU float64 reference:
 * one ``SpectrumTracker`` measurement against the CPU one;
 * resume on the device: a checkpointed run interrupted and resumed gives bit for bit
   the uninterrupted run's result on that device (the promise in hesslab/_ops.py);
+* benchmarks/bench_gpu_e2e.py ``--quick --device cpu`` runs end to end (tiny models, every
+  task, JSON and markdown; the one test here that takes more than a second or two);
 
 Sizes are tiny (a 51-parameter MLP): the whole file takes a few seconds on a CPU.
 """
@@ -176,3 +178,22 @@ def test_checkpoint_resumed_on_device_gives_the_identical_result(device, tmp_pat
     for key, value in full.to_dict().items():
         if key != "num_matvecs":
             np.testing.assert_array_equal(np.asarray(value), np.asarray(resumed.to_dict()[key]), err_msg=key)
+
+
+def test_gpu_e2e_benchmark_quick_cpu_runs_end_to_end(tmp_path):
+    """benchmarks/bench_gpu_e2e.py --quick --device cpu: tiny models, every measure, JSON + table."""
+    out = tmp_path / "e2e.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_gpu_e2e.py"), "--quick", "--device", "cpu",
+         "--json", str(out), "--markdown", str(tmp_path / "e2e.md")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(out.read_text())
+    assert {r["model"] for r in report["rows"]} == {"resnet18", "gpt2"}
+    ours = [r for r in report["rows"] if r["library"] == "hesslab"]
+    assert {r["task"] for r in ours} >= {"product", "top10", "slq", "trace"}
+    for r in ours:
+        assert r["seconds"] > 0 and 0 <= r["outside_products_share"] <= 1
+    assert "| model |" in (tmp_path / "e2e.md").read_text()
