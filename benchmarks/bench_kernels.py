@@ -13,8 +13,12 @@ GPU mode (--device cuda): also the achieved bandwidth of the Lanczos step agains
 device-to-device copy of the same size. Bytes moved, by the plan of
 csrc/common/gram_schmidt_plan.h: Q's j+1 rows read in 3 sweeps (dots, update, dots) plus
 a 4th where the second update runs (nearly never for float32 bases with float64 sums,
-usually for float64 ones: counted as 3 and 4), plus ~10 passes over w (norms, updates,
-the new row).
+usually for float64 ones: counted as 3 and 4), plus the passes over w-sized vectors of
+csrc/cuda/lanczos_kernels.cu, where the norms ride along with the dot sweeps: a read in
+sweep 1, a read and a write in sweep 2's update and a read in its dots, a read for the
+final norm, a read of w and a write of the new row: 7; with the second update (its read
+and write) 9. The bytes every step must read (the target's denominator) are Q's j+1
+rows twice and w once.
 
     python benchmarks/bench_kernels.py [--quick] [--device cuda] [--threads 1,2]
 """
@@ -83,8 +87,8 @@ def bench_lanczos(sizes, dtypes, threads, repeats, device):
                            kernel_ms=res["kernel"] * 1e3, twin_ms=res["twin"] * 1e3, ratio=res["twin"] / res["kernel"],
                            kernel_ortho=res["kernel_ortho"], twin_ortho=res["twin_ortho"])
                 if device.startswith("cuda"):
-                    sweeps = 3 if dtype == torch.float32 else 4  # see the module docstring
-                    nbytes = Q0.element_size() * b * n * (sweeps * (j + 1) + 10)
+                    sweeps, w_passes = (3, 7) if dtype == torch.float32 else (4, 9)  # the module docstring
+                    nbytes = Q0.element_size() * b * n * (sweeps * (j + 1) + w_passes)
                     big = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
                     dst = torch.empty_like(big)
                     copy = timeit(lambda: dst.copy_(big), repeats, device)

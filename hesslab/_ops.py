@@ -22,7 +22,7 @@ Determinism (what a resumed run can rely on): every kernel is bitwise reproducib
 run. On the CPU the same inputs give the same bits whatever the thread count (fixed
 segments, sums in a fixed order). On CUDA the Lanczos ops reduce in two stages without
 atomics (per-block partial sums, then a fixed-order sum over the blocks; the grid depends
-only on n) and the Kronecker GEMMs compute every output tile in one block in a fixed K
+only on n and the device's SM count, so a MIG slice counts as another model) and the Kronecker GEMMs compute every output tile in one block in a fixed K
 order (layers below KRON_CUBLAS_MIN_ELEMENTS) or through cuBLAS (larger layers: bitwise
 reproducible for the same problem, GPU model, cuBLAS version and stream), so the same
 inputs give the same bits on the same GPU model with the same build.

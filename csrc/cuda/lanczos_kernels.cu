@@ -5,29 +5,36 @@
 // cpu/lanczos_cpu.cpp; must match hesslab/reference.py to rounding. For each run i
 // independently, every inner product and norm accumulated in float64 whatever the
 // storage dtype T:
-//   sweep 1: d = Q_R w, ||w||^2                                       (launch_sums)
-//   sweep 2: w -= Q_R^T d (subtract_rows_kernel); c = Q_R w, ||w||^2  (launch_sums)
+//   sweep 1: d = Q_R w and ||w||^2 in one pass                    (launch_sums)
+//   sweep 2: w -= Q_R^T d (subtract_rows_kernel); c = Q_R w and ||w||^2 in one pass
 //   skip:    again = plan::second_update_needed (skip_rule_kernel)
-//   sweep 3: w -= Q_R^T c where again (masked subtract_rows_kernel); ||w||^2
+//   sweep 3: w -= Q_R^T c where again (masked subtract_rows_kernel); ||w||^2 (a read of w)
 //   lanczos_step_: step_scalars_kernel (alpha, beta, breakdown, the next row's scale),
 //                  normalize_kernel writes Q[:, j+1]; reorthogonalize_: coefficient_kernel.
-// Q_R is read three times per call (four when some run takes the second update), plus
-// small reads of w; 12-14 launches, no host synchronisation.
+// Q_R is read three times per call (four when some run takes the second update), w once
+// per pass; the norms ride along with the dot products (no separate norm launches):
+// 9 launches, no host synchronisation. (Not yet done, issue 17.1: fusing the update of
+// sweep 2 with its dot products per column tile, as the CPU does, to read Q_R twice; and
+// float4/double2 loads.)
 //
 // Memory layout: Q (b, m, n) row-major, row r of run i at Q + i*m*n + r*n; w (b, n);
 // coefficients (b, rows) row-major; every float64 intermediate lives in one workspace
 // (see Workspace) that the adapter allocates.
 //
-// Thread/block mapping: grid-stride kernels use a grid (x: G = min(ceil(n / 256), 1024)
-// blocks striding over n, y: min(b, 65535) blocks striding over the runs) of 256 threads.
-//   dot_rows_kernel: rows are taken kRowTile at a time so that w is read once per tile;
-//     each thread accumulates its strided elements in float64 registers, the block reduces
-//     them (warp shuffles + shared memory) and thread 0 stores the block's partial sum in
-//     its own slot partial[blockIdx.x][output]; finalize_kernel (one warp per output) then
-//     adds the G partial sums in a fixed order. No atomics: for a given n (hence G) every
-//     sum is formed in the same order on every call, so the ops are bitwise deterministic
-//     run to run on one GPU model and build (they still differ from the CPU kernel, which
-//     adds in another fixed order, by rounding).
+// Thread/block mapping: grid-stride kernels use a grid (x: G = min(ceil(n / 256),
+// kBlocksPerSm * SMs) blocks striding over n, SMs = cudaDevAttrMultiProcessorCount of the
+// current device, i.e. several waves of resident blocks; y: min(b, 65535) blocks striding
+// over the runs) of 256 threads.
+//   dot_rows_kernel: rows are taken kRowTile at a time so that w is read once per tile
+//     (the first tile also accumulates ||w||^2); each thread accumulates its strided
+//     elements in float64 registers, and one block reduction per tile (warp shuffles, one
+//     shared-memory exchange for all the tile's sums: 2 __syncthreads) leaves the block's
+//     partial sums, which thread 0 stores in the block's own slots
+//     partial[blockIdx.x][output]; finalize_kernel (one warp per output) then adds the G
+//     partial sums in a fixed order. No atomics: for a given n and GPU model (hence G)
+//     every sum is formed in the same order on every call, so the ops are bitwise
+//     deterministic run to run on one GPU model and build (they still differ from the CPU
+//     kernel, which adds in another fixed order, by rounding).
 //   subtract_rows_kernel: same grid; thread x of run i computes
 //     w[i, x] -= sum_r c[i, r] Q[i, r, x] in float64, coalesced over x for every row r.
 // Per-run scalar logic (skip rule, alpha, beta, breakdown) is one thread per run.
@@ -49,6 +56,29 @@ namespace {
 // Rows whose dot products with w one sweep of dot_rows_kernel computes.
 constexpr int kRowTile = 8;
 constexpr int kWarps = kBlockThreads / 32;
+// Grid-stride blocks per SM (x extent of the grid): dot_rows_kernel takes 64 registers,
+// so 4 blocks of 256 threads are resident per SM and 16 per SM make four waves (two for
+// the lighter kernels, 8 resident). tests/test_ops_paths.py's wrap case assumes <= 160 SMs.
+constexpr int64_t kBlocksPerSm = 16;
+
+// SMs of the current device (an attribute query: no synchronisation); 132 if it fails.
+int64_t sm_count() {
+  int device = 0;
+  int sms = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+      sms <= 0) {
+    cudaGetLastError();  // clear the error: the launches report their own
+    return 132;
+  }
+  return sms;
+}
+
+// gridDim.x of the Lanczos grid-stride kernels over n > 0 columns on the current device.
+unsigned int lanczos_blocks(int64_t n) {
+  const int64_t cap = kBlocksPerSm * sm_count();
+  return static_cast<unsigned int>(std::min(ceil_div(n, kBlockThreads), cap));
+}
 
 __device__ double warp_reduce_sum(double v) {
   for (int offset = 16; offset > 0; offset >>= 1) {
@@ -57,43 +87,52 @@ __device__ double warp_reduce_sum(double v) {
   return v;
 }
 
-// Sum of v over the block (blockDim.x == kBlockThreads), valid in thread 0. Every thread
-// of the block must call it; it may be called repeatedly.
-__device__ double block_reduce_sum(double v) {
-  __shared__ double warp_sums[kWarps];
+template <int K>
+__device__ void block_reduce_sums(double (&v)[K]) {
+  __shared__ double warp_sums[K][kWarps];
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
-  v = warp_reduce_sum(v);
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    v[k] = warp_reduce_sum(v[k]);
+  }
   __syncthreads();  // warp 0 has finished reading warp_sums of the previous call
   if (lane == 0) {
-    warp_sums[warp] = v;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      warp_sums[k][warp] = v[k];
+    }
   }
   __syncthreads();
-  v = 0.0;
   if (warp == 0) {
-    v = warp_reduce_sum(lane < kWarps ? warp_sums[lane] : 0.0);
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      v[k] = warp_reduce_sum(lane < kWarps ? warp_sums[k][lane] : 0.0);
+    }
   }
-  return v;
 }
 
-// partial[blockIdx.x * ldp + col0 + i*rows + r] = this block's share of
-// <X[i*x_run + r*x_row, 0:n], w[i, 0:n]> for r < rows, i < b (float64). X may alias w
-// (squared norms: X = w, x_row = 0, rows = 1).
+// This block's share (float64) of <Q[i*q_run + r*n, 0:n], w[i, 0:n]> for r < rows and of
+// ||w[i]||^2, for i < b: partial[blockIdx.x * ldp + i*rows + r] and
+// partial[blockIdx.x * ldp + b*rows + i]. rows may be 0 (the norm alone); the norm rides
+// along with the first row tile, so w is read once per tile of kRowTile rows.
 template <typename T>
 __global__ void __launch_bounds__(kBlockThreads)
-    dot_rows_kernel(const T* X, int64_t x_run, int64_t x_row, int64_t rows, const T* w,
-                    int64_t b, int64_t n, double* partial, int64_t ldp, int64_t col0) {
+    dot_rows_kernel(const T* Q, int64_t q_run, int64_t rows, const T* w, int64_t b, int64_t n,
+                    double* partial, int64_t ldp) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  double* slot = partial + static_cast<int64_t>(blockIdx.x) * ldp + col0;
+  double* slot = partial + static_cast<int64_t>(blockIdx.x) * ldp;
   for (int64_t i = blockIdx.y; i < b; i += gridDim.y) {
-    const T* Xi = X + i * x_run;
+    const T* Qi = Q + i * q_run;
     const T* wi = w + i * n;
-    for (int64_t r0 = 0; r0 < rows; r0 += kRowTile) {
-      // Block-uniform, so every thread reaches the same block_reduce_sum calls below.
-      const int64_t tile = rows - r0 < kRowTile ? rows - r0 : kRowTile;
-      double acc[kRowTile];
+    // r0 = 0 always runs (the norm); block-uniform, so every thread reaches the same
+    // block_reduce_sums calls below.
+    for (int64_t r0 = 0; r0 == 0 || r0 < rows; r0 += kRowTile) {
+      const int64_t tile = rows - r0 < kRowTile ? rows - r0 : kRowTile;  // 0..kRowTile
+      const bool with_norm = r0 == 0;
+      double acc[kRowTile + 1];  // the tile's dots, then ||w||^2
 #pragma unroll
-      for (int k = 0; k < kRowTile; ++k) {
+      for (int k = 0; k <= kRowTile; ++k) {
         acc[k] = 0.0;
       }
       for (int64_t x = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; x < n;
@@ -102,17 +141,20 @@ __global__ void __launch_bounds__(kBlockThreads)
 #pragma unroll
         for (int k = 0; k < kRowTile; ++k) {
           if (k < tile) {
-            acc[k] += static_cast<double>(Xi[(r0 + k) * x_row + x]) * wx;
+            acc[k] += static_cast<double>(Qi[(r0 + k) * n + x]) * wx;
           }
         }
+        if (with_norm) {
+          acc[kRowTile] += wx * wx;
+        }
       }
-#pragma unroll
-      for (int k = 0; k < kRowTile; ++k) {
-        if (k < tile) {
-          const double sum = block_reduce_sum(acc[k]);
-          if (threadIdx.x == 0) {
-            slot[i * rows + r0 + k] = sum;
-          }
+      block_reduce_sums<kRowTile + 1>(acc);
+      if (threadIdx.x == 0) {
+        for (int64_t k = 0; k < tile; ++k) {
+          slot[i * rows + r0 + k] = acc[k];
+        }
+        if (with_norm) {
+          slot[b * rows + i] = acc[kRowTile];
         }
       }
     }
@@ -167,6 +209,8 @@ __global__ void __launch_bounds__(kBlockThreads)
 // layout launch_sums writes) and 3, the skip flags, the next row's scale and the partial
 // sums of the two-stage reductions. The partial sums take G * b * (rows + 1) doubles with
 // G <= n / 256: at most ~1% of the basis' own bytes (2 (rows + 1) / (256 m) of a float32 Q).
+// G depends on the device (its SM count): the adapter asks for the size with the
+// tensors' device current, as the launch then runs.
 struct Workspace {
   double* s1;       // (b*rows + b)  d, then ||w_in||^2
   double* s2;       // (b*rows + b)  c, then ||w||^2 after sweep 2
@@ -176,7 +220,7 @@ struct Workspace {
   double* partial;  // (G * (b*rows + b))
 };
 
-int64_t partial_blocks(int64_t n) { return n > 0 ? stride_blocks(n) : 0; }
+int64_t partial_blocks(int64_t n) { return n > 0 ? lanczos_blocks(n) : 0; }
 
 int64_t workspace_size(int64_t b, int64_t rows, int64_t n) {
   return 2 * (b * rows + b) + 3 * b + partial_blocks(n) * (b * rows + b);
@@ -193,7 +237,7 @@ Workspace carve(double* base, int64_t b, int64_t rows) {
   return ws;
 }
 
-dim3 run_grid(int64_t b, int64_t n) { return dim3(stride_blocks(n), stride_blocks_y(b)); }
+dim3 run_grid(int64_t b, int64_t n) { return dim3(lanczos_blocks(n), stride_blocks_y(b)); }
 
 unsigned int warp_blocks(int64_t count) {
   return static_cast<unsigned int>(ceil_div(count * 32, kBlockThreads));
@@ -208,16 +252,11 @@ cudaError_t launch_sums(const T* Q, int64_t m, int64_t rows, const T* w, int64_t
   if (n == 0) {
     return cudaMemsetAsync(out, 0, count * sizeof(double), stream);
   }
-  if (rows > 0) {
-    dot_rows_kernel<T><<<run_grid(b, n), kBlockThreads, 0, stream>>>(Q, m * n, n, rows, w, b, n,
-                                                                      partial, count, 0);
-    HESSLAB_CUDA_TRY(cudaGetLastError());
-  }
-  dot_rows_kernel<T><<<run_grid(b, n), kBlockThreads, 0, stream>>>(w, n, 0, 1, w, b, n, partial,
-                                                                    count, b * rows);
+  const dim3 grid = run_grid(b, n);
+  dot_rows_kernel<T><<<grid, kBlockThreads, 0, stream>>>(Q, m * n, rows, w, b, n, partial,
+                                                         count);
   HESSLAB_CUDA_TRY(cudaGetLastError());
-  finalize_kernel<<<warp_blocks(count), kBlockThreads, 0, stream>>>(partial, partial_blocks(n),
-                                                                    count, out);
+  finalize_kernel<<<warp_blocks(count), kBlockThreads, 0, stream>>>(partial, grid.x, count, out);
   return cudaGetLastError();
 }
 
