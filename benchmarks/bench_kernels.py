@@ -10,15 +10,14 @@ Kronecker product: kron_matmul over the layer shapes of a small CNN/ResNet, kern
 the einsum twin.
 
 GPU mode (--device cuda): also the achieved bandwidth of the Lanczos step against a
-device-to-device copy of the same size. Bytes moved, by the plan of
-csrc/common/gram_schmidt_plan.h: Q's j+1 rows read in 3 sweeps (dots, update, dots) plus
-a 4th where the second update runs (nearly never for float32 bases with float64 sums,
-usually for float64 ones: counted as 3 and 4), plus the passes over w-sized vectors of
-csrc/cuda/lanczos_kernels.cu, where the norms ride along with the dot sweeps: a read in
-sweep 1, a read and a write in sweep 2's update and a read in its dots, a read for the
-final norm, a read of w and a write of the new row: 7; with the second update (its read
-and write) 9. The bytes every step must read (the target's denominator) are Q's j+1
-rows twice and w once.
+device-to-device copy of the same size, over the bytes the step must move from memory by
+the plan of csrc/common/gram_schmidt_plan.h as csrc/cuda/lanczos_kernels.cu runs it:
+Q's j+1 rows read twice (sweep 1's dots; sweep 2's update, whose dots re-read each
+column's rows at once, from L2, not counted), a third time where the second update runs
+(nearly never for float32 bases with float64 sums, usually for float64 ones: counted as
+2 and 3), plus the passes over w-sized vectors (the norms ride along with the sweeps): a
+read in sweep 1, a read and a write in sweep 2, a read in sweep 3, a read of w and a
+write of the new row: 6; with the second update's write, 7.
 
     python benchmarks/bench_kernels.py [--quick] [--device cuda] [--threads 1,2]
 """
@@ -87,7 +86,7 @@ def bench_lanczos(sizes, dtypes, threads, repeats, device):
                            kernel_ms=res["kernel"] * 1e3, twin_ms=res["twin"] * 1e3, ratio=res["twin"] / res["kernel"],
                            kernel_ortho=res["kernel_ortho"], twin_ortho=res["twin_ortho"])
                 if device.startswith("cuda"):
-                    sweeps, w_passes = (3, 7) if dtype == torch.float32 else (4, 9)  # the module docstring
+                    sweeps, w_passes = (2, 6) if dtype == torch.float32 else (3, 7)  # the module docstring
                     nbytes = Q0.element_size() * b * n * (sweeps * (j + 1) + w_passes)
                     big = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
                     dst = torch.empty_like(big)

@@ -6,7 +6,8 @@ The constants come from the CUDA sources (the CPU kernels get the same shapes):
     loops wrap once a row has more than 1024 * 256 = 262144 elements), kMaxGridY = 65535
     (runs stride over gridDim.y beyond that);
   * csrc/cuda/lanczos_kernels.cu: kRowTile = 8 rows per dot_rows_kernel tile (rows > 8
-    take several tiles, the last one partial); its grid-stride loops span
+    take several tiles, the last one partial; more than kMaxFusedRows = 512 rows run
+    sweep 2 unfused); its grid-stride loops span
     kBlocksPerSm = 16 blocks per SM of 256 threads (under 160 * 16 * 256 = 655360 entries
     on any GPU with at most 160 SMs: longer rows wrap);
   * csrc/cuda/kron_kernels.cu: 64 x 64 output tiles, K steps of 16, kMaxGroups = 16 GEMM
@@ -74,6 +75,7 @@ LANCZOS_PATHS = {
     "n_one": (2, 1, 1, 0),  # a single entry per row, m = 1: no next row to write
     "rows_several_tiles": (2, 22, 300, 2 * ROW_TILE + 3),  # 20 rows: two full tiles and a partial one
     "rows_one_partial_tile": (3, 5, 50, 3),
+    "rows_above_fused_limit": (1, 520, 600, 515),  # 516 rows > kMaxFusedRows = 512: sweep 2 in two passes
     "single_run_single_row": (1, 1, 64, 0),
     "empty_batch": (0, 3, 10, 1),
     "empty_rows": (2, 3, 0, 1),  # n = 0: every sum is zero, breakdown everywhere

@@ -6,16 +6,18 @@
 // independently, every inner product and norm accumulated in float64 whatever the
 // storage dtype T:
 //   sweep 1: d = Q_R w and ||w||^2 in one pass                    (launch_sums)
-//   sweep 2: w -= Q_R^T d (subtract_rows_kernel); c = Q_R w and ||w||^2 in one pass
+//   sweep 2: w -= Q_R^T d, then c = Q_R w and ||w||^2, fused per column (update_dots_kernel)
 //   skip:    again = plan::second_update_needed (skip_rule_kernel)
-//   sweep 3: w -= Q_R^T c where again (masked subtract_rows_kernel); ||w||^2 (a read of w)
+//   sweep 3: w -= Q_R^T c where again, and the final ||w||^2 (update_dots_kernel, masked)
 //   lanczos_step_: step_scalars_kernel (alpha, beta, breakdown, the next row's scale),
 //                  normalize_kernel writes Q[:, j+1]; reorthogonalize_: coefficient_kernel.
-// Q_R is read three times per call (four when some run takes the second update), w once
-// per pass; the norms ride along with the dot products (no separate norm launches):
-// 9 launches, no host synchronisation. (Not yet done, issue 17.1: fusing the update of
-// sweep 2 with its dot products per column tile, as the CPU does, to read Q_R twice; and
-// float4/double2 loads.)
+// Like the CPU kernel, sweep 2 fuses the update of w with the next inner products: each
+// column's rows are read for the update and again at once for the dots (from L2 where
+// the resident warps' slices fit), so Q_R comes from DRAM about twice per call (three
+// times when some run takes the second update); the norms ride along with the sweeps.
+// 9 launches, no host synchronisation. Beyond kMaxFusedRows = 512 rows sweep 2 runs as
+// two passes (subtract_rows_kernel, then the dot sweep). Not done yet (issue 17.1):
+// float4/double2 vector loads.
 //
 // Memory layout: Q (b, m, n) row-major, row r of run i at Q + i*m*n + r*n; w (b, n);
 // coefficients (b, rows) row-major; every float64 intermediate lives in one workspace
@@ -35,8 +37,12 @@
 //     every sum is formed in the same order on every call, so the ops are bitwise
 //     deterministic run to run on one GPU model and build (they still differ from the CPU
 //     kernel, which adds in another fixed order, by rounding).
-//   subtract_rows_kernel: same grid; thread x of run i computes
-//     w[i, x] -= sum_r c[i, r] Q[i, r, x] in float64, coalesced over x for every row r.
+//   update_dots_kernel: same grid; thread x of run i computes w[i, x] -= sum_r c[i, r]
+//     Q[i, r, x] in float64 (coalesced over x for every row r), then the tile products
+//     with the updated entry; per 32-column chunk each warp reduces them by shuffles into
+//     its own shared-memory accumulators, the block adds its warps' at the end, and
+//     finalize_kernel adds the blocks': fixed orders, no atomics.
+//   subtract_rows_kernel (beyond 512 rows): the update alone, same mapping.
 // Per-run scalar logic (skip rule, alpha, beta, breakdown) is one thread per run.
 // All indexing is int64_t (n up to 1e8, b*m*n beyond 2^31).
 #include "lanczos_kernels.h"
@@ -205,6 +211,95 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
 }
 
+// Rows up to which sweeps 2 and 3 run fused (update_dots_kernel): its per-warp
+// accumulators take kWarps * (rows + 1) doubles of shared memory (32.8 KB at 512).
+constexpr int64_t kMaxFusedRows = 512;
+
+// Sweep 2 (or 3) of the plan in one pass over each column of Q_R: w[i, x] -=
+// sum_{r < rows} coef[i*rows + r] Q[i*q_run + r*n + x] (float64, rounded to T; skipped
+// for runs with mask[i] false, mask not null), then, with the updated entry still in a
+// register, this block's share of <Q[i, r], w[i]> for r < dot_rows (rows or 0) and of
+// ||w[i]||^2 at partial[blockIdx.x * ldp + i*dot_rows + r] and
+// partial[blockIdx.x * ldp + b*dot_rows + i]. Each warp walks its own 32-column chunks
+// (chunk c of the block at x = (blockIdx.x + c * gridDim.x) * 256 + warp * 32 + lane), so
+// a chunk's rows are read a second time right after the first, from L2 when the resident
+// warps' slices fit there; per chunk and row tile each warp reduces its kRowTile + 1
+// products by shuffles and lane 0 adds them to the warp's own shared-memory
+// accumulators (no block barrier inside the loop); the block then adds its warps'
+// accumulators in warp order. Fixed order throughout: deterministic.
+template <typename T>
+__global__ void __launch_bounds__(kBlockThreads)
+    update_dots_kernel(const T* Q, int64_t q_run, int64_t rows, const double* coef,
+                       const bool* mask, int64_t dot_rows, T* w, int64_t b, int64_t n,
+                       double* partial, int64_t ldp) {
+  extern __shared__ double warp_acc[];  // [kWarps][dot_rows + 1]: dots, then ||w||^2
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int64_t width = dot_rows + 1;
+  double* mine = warp_acc + warp * width;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  double* slot = partial + static_cast<int64_t>(blockIdx.x) * ldp;
+  for (int64_t i = blockIdx.y; i < b; i += gridDim.y) {
+    const bool update = rows > 0 && (mask == nullptr || mask[i]);
+    const T* Qi = Q + i * q_run;
+    const double* ci = coef + i * rows;
+    T* wi = w + i * n;
+    for (int64_t r = lane; r < width; r += 32) {
+      mine[r] = 0.0;
+    }
+    __syncwarp();
+    // Warp-uniform loops: every lane reaches the same shuffles.
+    for (int64_t x0 = static_cast<int64_t>(blockIdx.x) * blockDim.x + warp * 32; x0 < n;
+         x0 += stride) {
+      const int64_t x = x0 + lane;
+      const bool inside = x < n;
+      double wx = 0.0;
+      if (inside) {
+        wx = static_cast<double>(wi[x]);
+        if (update) {
+          double acc = 0.0;
+          for (int64_t r = 0; r < rows; ++r) {
+            acc += ci[r] * static_cast<double>(Qi[r * n + x]);
+          }
+          const T updated = static_cast<T>(wx - acc);
+          wi[x] = updated;
+          wx = static_cast<double>(updated);
+        }
+      }
+      for (int64_t r0 = 0; r0 == 0 || r0 < dot_rows; r0 += kRowTile) {
+        const int64_t tile = dot_rows - r0 < kRowTile ? dot_rows - r0 : kRowTile;  // 0..8
+        double v[kRowTile + 1];
+#pragma unroll
+        for (int k = 0; k < kRowTile; ++k) {
+          v[k] = (inside && k < tile) ? static_cast<double>(Qi[(r0 + k) * n + x]) * wx : 0.0;
+        }
+        v[kRowTile] = r0 == 0 ? wx * wx : 0.0;
+#pragma unroll
+        for (int k = 0; k <= kRowTile; ++k) {
+          v[k] = warp_reduce_sum(v[k]);
+        }
+        if (lane == 0) {
+          for (int64_t k = 0; k < tile; ++k) {
+            mine[r0 + k] += v[k];
+          }
+          if (r0 == 0) {
+            mine[dot_rows] += v[kRowTile];
+          }
+        }
+      }
+    }
+    __syncthreads();  // every warp's accumulators are complete
+    for (int64_t r = threadIdx.x; r < width; r += blockDim.x) {
+      double sum = 0.0;
+      for (int k = 0; k < kWarps; ++k) {
+        sum += warp_acc[k * width + r];
+      }
+      slot[r < dot_rows ? i * dot_rows + r : b * dot_rows + i] = sum;
+    }
+    __syncthreads();  // warp_acc is reset for the next run
+  }
+}
+
 // Float64 workspace, carved from one buffer: sums of sweeps 1, 2 (dots then norms, the
 // layout launch_sums writes) and 3, the skip flags, the next row's scale and the partial
 // sums of the two-stage reductions. The partial sums take G * b * (rows + 1) doubles with
@@ -273,6 +368,32 @@ cudaError_t launch_subtract(const T* Q, int64_t q_run, int64_t rows, const doubl
   return cudaGetLastError();
 }
 
+// Sweep 2 (dot_rows = rows) or 3 (dot_rows = 0, masked) of the plan: w -= Q_R^T coef,
+// then out[0 : b*dot_rows] = Q_R w and out[b*dot_rows : +b] = ||w||^2 (see
+// update_dots_kernel; two launches). More than kMaxFusedRows dot rows: the update and
+// the sums as two sweeps (subtract_rows_kernel, launch_sums).
+template <typename T>
+cudaError_t launch_update_sums(const T* Q, int64_t m, int64_t rows, const double* coef,
+                               const bool* mask, int64_t dot_rows, T* w, int64_t b, int64_t n,
+                               double* partial, double* out, cudaStream_t stream) {
+  const int64_t count = b * dot_rows + b;
+  if (n == 0) {
+    return cudaMemsetAsync(out, 0, count * sizeof(double), stream);
+  }
+  if (dot_rows > kMaxFusedRows) {
+    HESSLAB_CUDA_TRY(launch_subtract<T>(Q, m * n, rows, coef, rows, w, b, n, stream, mask));
+    return launch_sums<T>(Q, m, dot_rows, w, b, n, partial, out, stream);
+  }
+  const dim3 grid = run_grid(b, n);
+  const size_t shared = static_cast<size_t>(kWarps * (dot_rows + 1)) * sizeof(double);
+  update_dots_kernel<T><<<grid, kBlockThreads, shared, stream>>>(Q, m * n, rows, coef, mask,
+                                                                 dot_rows, w, b, n, partial,
+                                                                 count);
+  HESSLAB_CUDA_TRY(cudaGetLastError());
+  finalize_kernel<<<warp_blocks(count), kBlockThreads, 0, stream>>>(partial, grid.x, count, out);
+  return cudaGetLastError();
+}
+
 // One thread per run: again[i] = plan::second_update_needed(||c_i||^2, ||w_i||^2, eps).
 __global__ void __launch_bounds__(kBlockThreads)
     skip_rule_kernel(const double* c, const double* norm2, int64_t rows, int64_t b, double eps,
@@ -293,15 +414,14 @@ template <typename T>
 cudaError_t cgs2(const T* Q, int64_t m, int64_t rows, T* w, int64_t b, int64_t n,
                  const Workspace& ws, cudaStream_t stream) {
   HESSLAB_CUDA_TRY(launch_sums<T>(Q, m, rows, w, b, n, ws.partial, ws.s1, stream));  // sweep 1
-  HESSLAB_CUDA_TRY(launch_subtract<T>(Q, m * n, rows, ws.s1, rows, w, b, n, stream));  // sweep 2
-  HESSLAB_CUDA_TRY(launch_sums<T>(Q, m, rows, w, b, n, ws.partial, ws.s2, stream));
+  HESSLAB_CUDA_TRY(launch_update_sums<T>(Q, m, rows, ws.s1, nullptr, rows, w, b, n, ws.partial,
+                                         ws.s2, stream));  // sweep 2: update, then c and norm
   skip_rule_kernel<<<static_cast<unsigned int>(ceil_div(b, kBlockThreads)), kBlockThreads, 0,
                      stream>>>(ws.s2, ws.s2 + b * rows, rows, b,
                                std::numeric_limits<T>::epsilon(), ws.again);
   HESSLAB_CUDA_TRY(cudaGetLastError());
-  HESSLAB_CUDA_TRY(
-      launch_subtract<T>(Q, m * n, rows, ws.s2, rows, w, b, n, stream, ws.again));  // sweep 3
-  return launch_sums<T>(Q, m, 0, w, b, n, ws.partial, ws.s3, stream);
+  return launch_update_sums<T>(Q, m, rows, ws.s2, ws.again, 0, w, b, n, ws.partial, ws.s3,
+                               stream);  // sweep 3 where again, and the final norm
 }
 
 // One thread per run: alpha, beta, breakdown and the next row's scale, by the plan.
