@@ -16,8 +16,10 @@
 // the resident warps' slices fit), so Q_R comes from DRAM about twice per call (three
 // times when some run takes the second update); the norms ride along with the sweeps.
 // 9 launches, no host synchronisation. Beyond kMaxFusedRows = 512 rows sweep 2 runs as
-// two passes (subtract_rows_kernel, then the dot sweep). Not done yet (issue 17.1):
-// float4/double2 vector loads.
+// two passes (subtract_rows_kernel, then the dot sweep). The dot and fused sweeps load
+// float4/double2 (16 bytes) where n is a multiple of the vector width and Q and w are
+// 16-byte aligned (fresh allocations always are), scalars otherwise; the summation order,
+// hence the last bits, depends on which (deterministically, for given n and alignment).
 //
 // Memory layout: Q (b, m, n) row-major, row r of run i at Q + i*m*n + r*n; w (b, n);
 // coefficients (b, rows) row-major; every float64 intermediate lives in one workspace
@@ -86,6 +88,41 @@ unsigned int lanczos_blocks(int64_t n) {
   return static_cast<unsigned int>(std::min(ceil_div(n, kBlockThreads), cap));
 }
 
+// Vector loads: W consecutive entries of T as doubles, in one 16-byte load where W is
+// the vector width (float4: 4 floats, double2: 2 doubles), or a scalar load (W = 1).
+// The vector path needs n % W == 0 and 16-byte aligned Q and w (every row then starts
+// aligned); the launchers check it and otherwise run the scalar kernels.
+template <typename T>
+struct VecWidth {
+  static constexpr int value = 16 / sizeof(T);
+};
+
+template <typename T, int W>
+__device__ inline void load_as_double(const T* p, double (&out)[W]) {
+  if constexpr (W == 1) {
+    out[0] = static_cast<double>(p[0]);
+  } else if constexpr (sizeof(T) == 4) {
+    static_assert(W == 4, "float4");
+    const float4 v = *reinterpret_cast<const float4*>(p);
+    out[0] = v.x;
+    out[1] = v.y;
+    out[2] = v.z;
+    out[3] = v.w;
+  } else {
+    static_assert(W == 2, "double2");
+    const double2 v = *reinterpret_cast<const double2*>(p);
+    out[0] = v.x;
+    out[1] = v.y;
+  }
+}
+
+template <typename T>
+bool vector_ok(const T* Q, const T* w, int64_t n) {
+  constexpr int W = VecWidth<T>::value;
+  return n % W == 0 && reinterpret_cast<uintptr_t>(Q) % 16 == 0 &&
+         reinterpret_cast<uintptr_t>(w) % 16 == 0;
+}
+
 __device__ double warp_reduce_sum(double v) {
   for (int offset = 16; offset > 0; offset >>= 1) {
     v += __shfl_down_sync(0xffffffffu, v, offset);
@@ -121,12 +158,14 @@ __device__ void block_reduce_sums(double (&v)[K]) {
 // This block's share (float64) of <Q[i*q_run + r*n, 0:n], w[i, 0:n]> for r < rows and of
 // ||w[i]||^2, for i < b: partial[blockIdx.x * ldp + i*rows + r] and
 // partial[blockIdx.x * ldp + b*rows + i]. rows may be 0 (the norm alone); the norm rides
-// along with the first row tile, so w is read once per tile of kRowTile rows.
-template <typename T>
+// along with the first row tile, so w is read once per tile of kRowTile rows. Each thread
+// takes W consecutive entries at a time (W = 1, or the vector width with n % W == 0).
+template <typename T, int W>
 __global__ void __launch_bounds__(kBlockThreads)
     dot_rows_kernel(const T* Q, int64_t q_run, int64_t rows, const T* w, int64_t b, int64_t n,
                     double* partial, int64_t ldp) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t groups = n / W;
   double* slot = partial + static_cast<int64_t>(blockIdx.x) * ldp;
   for (int64_t i = blockIdx.y; i < b; i += gridDim.y) {
     const T* Qi = Q + i * q_run;
@@ -141,23 +180,36 @@ __global__ void __launch_bounds__(kBlockThreads)
       for (int k = 0; k <= kRowTile; ++k) {
         acc[k] = 0.0;
       }
-      for (int64_t x = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; x < n;
-           x += stride) {
-        const double wx = static_cast<double>(wi[x]);
+      for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; g < groups;
+           g += stride) {
+        const int64_t x = g * W;
+        double wx[W];
+        load_as_double<T, W>(wi + x, wx);
 #pragma unroll
         for (int k = 0; k < kRowTile; ++k) {
           if (k < tile) {
-            acc[k] += static_cast<double>(Qi[(r0 + k) * n + x]) * wx;
+            double q[W];
+            load_as_double<T, W>(Qi + (r0 + k) * n + x, q);
+#pragma unroll
+            for (int e = 0; e < W; ++e) {
+              acc[k] += q[e] * wx[e];
+            }
           }
         }
         if (with_norm) {
-          acc[kRowTile] += wx * wx;
+#pragma unroll
+          for (int e = 0; e < W; ++e) {
+            acc[kRowTile] += wx[e] * wx[e];
+          }
         }
       }
       block_reduce_sums<kRowTile + 1>(acc);
       if (threadIdx.x == 0) {
-        for (int64_t k = 0; k < tile; ++k) {
-          slot[i * rows + r0 + k] = acc[k];
+#pragma unroll
+        for (int k = 0; k < kRowTile; ++k) {  // static indices: acc stays in registers
+          if (k < tile) {
+            slot[i * rows + r0 + k] = acc[k];
+          }
         }
         if (with_norm) {
           slot[b * rows + i] = acc[kRowTile];
@@ -227,7 +279,7 @@ constexpr int64_t kMaxFusedRows = 512;
 // products by shuffles and lane 0 adds them to the warp's own shared-memory
 // accumulators (no block barrier inside the loop); the block then adds its warps'
 // accumulators in warp order. Fixed order throughout: deterministic.
-template <typename T>
+template <typename T, int W>
 __global__ void __launch_bounds__(kBlockThreads)
     update_dots_kernel(const T* Q, int64_t q_run, int64_t rows, const double* coef,
                        const bool* mask, int64_t dot_rows, T* w, int64_t b, int64_t n,
@@ -236,6 +288,7 @@ __global__ void __launch_bounds__(kBlockThreads)
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int64_t width = dot_rows + 1;
+  const int64_t groups = n / W;  // W consecutive entries per lane and chunk
   double* mine = warp_acc + warp * width;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   double* slot = partial + static_cast<int64_t>(blockIdx.x) * ldp;
@@ -249,21 +302,37 @@ __global__ void __launch_bounds__(kBlockThreads)
     }
     __syncwarp();
     // Warp-uniform loops: every lane reaches the same shuffles.
-    for (int64_t x0 = static_cast<int64_t>(blockIdx.x) * blockDim.x + warp * 32; x0 < n;
-         x0 += stride) {
-      const int64_t x = x0 + lane;
-      const bool inside = x < n;
-      double wx = 0.0;
+    for (int64_t g0 = static_cast<int64_t>(blockIdx.x) * blockDim.x + warp * 32; g0 < groups;
+         g0 += stride) {
+      const int64_t x = (g0 + lane) * W;
+      const bool inside = g0 + lane < groups;
+      double wx[W];
+#pragma unroll
+      for (int e = 0; e < W; ++e) {
+        wx[e] = 0.0;
+      }
       if (inside) {
-        wx = static_cast<double>(wi[x]);
+        load_as_double<T, W>(wi + x, wx);
         if (update) {
-          double acc = 0.0;
-          for (int64_t r = 0; r < rows; ++r) {
-            acc += ci[r] * static_cast<double>(Qi[r * n + x]);
+          double acc[W];
+#pragma unroll
+          for (int e = 0; e < W; ++e) {
+            acc[e] = 0.0;
           }
-          const T updated = static_cast<T>(wx - acc);
-          wi[x] = updated;
-          wx = static_cast<double>(updated);
+          for (int64_t r = 0; r < rows; ++r) {
+            double q[W];
+            load_as_double<T, W>(Qi + r * n + x, q);
+#pragma unroll
+            for (int e = 0; e < W; ++e) {
+              acc[e] += ci[r] * q[e];
+            }
+          }
+#pragma unroll
+          for (int e = 0; e < W; ++e) {
+            const T updated = static_cast<T>(wx[e] - acc[e]);
+            wi[x + e] = updated;
+            wx[e] = static_cast<double>(updated);
+          }
         }
       }
       for (int64_t r0 = 0; r0 == 0 || r0 < dot_rows; r0 += kRowTile) {
@@ -271,16 +340,33 @@ __global__ void __launch_bounds__(kBlockThreads)
         double v[kRowTile + 1];
 #pragma unroll
         for (int k = 0; k < kRowTile; ++k) {
-          v[k] = (inside && k < tile) ? static_cast<double>(Qi[(r0 + k) * n + x]) * wx : 0.0;
+          v[k] = 0.0;
+          if (inside && k < tile) {
+            double q[W];
+            load_as_double<T, W>(Qi + (r0 + k) * n + x, q);
+#pragma unroll
+            for (int e = 0; e < W; ++e) {
+              v[k] += q[e] * wx[e];
+            }
+          }
         }
-        v[kRowTile] = r0 == 0 ? wx * wx : 0.0;
+        v[kRowTile] = 0.0;
+        if (r0 == 0) {
+#pragma unroll
+          for (int e = 0; e < W; ++e) {
+            v[kRowTile] += wx[e] * wx[e];
+          }
+        }
 #pragma unroll
         for (int k = 0; k <= kRowTile; ++k) {
           v[k] = warp_reduce_sum(v[k]);
         }
         if (lane == 0) {
-          for (int64_t k = 0; k < tile; ++k) {
-            mine[r0 + k] += v[k];
+#pragma unroll
+          for (int k = 0; k < kRowTile; ++k) {  // static indices: v stays in registers
+            if (k < tile) {
+              mine[r0 + k] += v[k];
+            }
           }
           if (r0 == 0) {
             mine[dot_rows] += v[kRowTile];
@@ -348,8 +434,13 @@ cudaError_t launch_sums(const T* Q, int64_t m, int64_t rows, const T* w, int64_t
     return cudaMemsetAsync(out, 0, count * sizeof(double), stream);
   }
   const dim3 grid = run_grid(b, n);
-  dot_rows_kernel<T><<<grid, kBlockThreads, 0, stream>>>(Q, m * n, rows, w, b, n, partial,
-                                                         count);
+  if (vector_ok(Q, w, n)) {
+    dot_rows_kernel<T, VecWidth<T>::value><<<grid, kBlockThreads, 0, stream>>>(
+        Q, m * n, rows, w, b, n, partial, count);
+  } else {
+    dot_rows_kernel<T, 1><<<grid, kBlockThreads, 0, stream>>>(Q, m * n, rows, w, b, n, partial,
+                                                              count);
+  }
   HESSLAB_CUDA_TRY(cudaGetLastError());
   finalize_kernel<<<warp_blocks(count), kBlockThreads, 0, stream>>>(partial, grid.x, count, out);
   return cudaGetLastError();
@@ -386,9 +477,13 @@ cudaError_t launch_update_sums(const T* Q, int64_t m, int64_t rows, const double
   }
   const dim3 grid = run_grid(b, n);
   const size_t shared = static_cast<size_t>(kWarps * (dot_rows + 1)) * sizeof(double);
-  update_dots_kernel<T><<<grid, kBlockThreads, shared, stream>>>(Q, m * n, rows, coef, mask,
-                                                                 dot_rows, w, b, n, partial,
-                                                                 count);
+  if (vector_ok<T>(Q, w, n)) {
+    update_dots_kernel<T, VecWidth<T>::value><<<grid, kBlockThreads, shared, stream>>>(
+        Q, m * n, rows, coef, mask, dot_rows, w, b, n, partial, count);
+  } else {
+    update_dots_kernel<T, 1><<<grid, kBlockThreads, shared, stream>>>(
+        Q, m * n, rows, coef, mask, dot_rows, w, b, n, partial, count);
+  }
   HESSLAB_CUDA_TRY(cudaGetLastError());
   finalize_kernel<<<warp_blocks(count), kBlockThreads, 0, stream>>>(partial, grid.x, count, out);
   return cudaGetLastError();
