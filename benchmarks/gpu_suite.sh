@@ -24,7 +24,7 @@
 #                 fails if any CUDA variant was skipped
 #   7. tests      python -m pytest -q -m "not slow" tests, minus the tests of steps 3 and 6
 #   8. kernels    python benchmarks/bench_kernels.py --device cuda
-#   9. e2e_bench  python benchmarks/bench_gpu_e2e.py --device cuda --max-seconds 200: ResNet-18
+#   9. e2e_bench  python benchmarks/bench_gpu_e2e.py --device cuda --max-seconds 120: ResNet-18
 #                 (CIFAR-10 shapes, batch 512) and a GPT-2-shaped transformer, one product,
 #                 top-10, SLQ 90 x 8, trace 100, hesslab and every peer that imports
 #  10. peers      (RUN_PEERS=1 only: step 9 covers the peers at batch 512)
@@ -136,7 +136,7 @@ no_cuda_skips "$OUT_DIR/gpu_suite_tests.log"
 
 BENCH_RC=0
 step kernels timeout 120 "$PY" benchmarks/bench_kernels.py --device cuda --out "$OUT_DIR/kernels_cuda.json" || BENCH_RC=3
-step e2e_bench timeout 270 "$PY" benchmarks/bench_gpu_e2e.py --device cuda --max-seconds 200 \
+step e2e_bench timeout 200 "$PY" benchmarks/bench_gpu_e2e.py --device cuda --max-seconds 120 \
   --json "$OUT_DIR/gpu_e2e.json" --markdown "$OUT_DIR/gpu_e2e.md" || BENCH_RC=3
 if [ "${RUN_PEERS:-0}" = 1 ]; then
   step peers timeout 150 "$PY" benchmarks/bench_peers.py --device cuda --workloads resnet18 --resnet18-batch 128 \
