@@ -59,6 +59,26 @@ def _nvidia_include_dirs() -> list[str]:
     return [d for d in dict.fromkeys(dirs) if os.path.isdir(d)]
 
 
+def _cublas_link_args(cuda_home: str) -> list[str]:
+    """Linker flags for cuBLAS (the Kronecker ops' large-layer path): the toolkit's
+    lib64/libcublas.so, else the `nvidia` pip package torch itself loads (libcublas.so.N,
+    linked by its soname, with an rpath to its folder)."""
+    for d in (os.path.join(cuda_home, "lib64"), os.path.join(cuda_home, "lib")):
+        if os.path.exists(os.path.join(d, "libcublas.so")):
+            return [f"-L{d}", "-lcublas"]
+    try:
+        import nvidia  # type: ignore[import-not-found]
+    except ImportError:
+        nvidia = None
+    for base in (nvidia.__path__ if nvidia is not None else []):
+        for lib in sorted(glob.glob(os.path.join(base, "*", "lib", "libcublas.so*"))):
+            d = os.path.dirname(lib)
+            return [f"-L{d}", f"-l:{os.path.basename(lib)}", f"-Wl,-rpath,{d}"]
+    _fail(f"cuBLAS was not found (no libcublas.so under {cuda_home}/lib64, nor in the nvidia pip "
+          "packages): install the CUDA toolkit's cuBLAS, or build CPU-only with HESSLAB_CUDA=0.")
+    return []
+
+
 def _want_cuda(torch) -> bool:
     mode = os.environ.get("HESSLAB_CUDA", "auto").strip().lower()
     if mode not in ("auto", "1", "0"):
@@ -125,7 +145,8 @@ def _extension():
         nvcc = ["-O0", "-g", "-lineinfo"] if debug else ["-O3"]  # no fast-math: keep IEEE division and sqrt
         ext = cpp_extension.CUDAExtension(
             "hesslab._C", sources, include_dirs=include_dirs, define_macros=define_macros,
-            extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=["-fopenmp"],
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            extra_link_args=["-fopenmp"] + _cublas_link_args(os.environ["CUDA_HOME"]),
         )
     else:
         ext = cpp_extension.CppExtension(

@@ -7,14 +7,19 @@ ratio twin/kernel (> 1: the kernel is faster), and the orthogonality error of th
 vector against the basis, max |Qᵀ q_{j+1}|, for both.
 
 Kronecker product: kron_matmul over the layer shapes of a small CNN/ResNet, kernel vs
-the einsum twin.
+the einsum twin; on a GPU also wide layers and many small ones, the op as dispatched vs
+every layer forced through the grouped kernel or through cuBLAS (HESSLAB_KRON_CUBLAS_MIN)
+vs a Python loop of per-layer torch matmuls (TF32 off): the targets of issue 17.2.
 
 GPU mode (--device cuda): also the achieved bandwidth of the Lanczos step against a
-device-to-device copy of the same size. Bytes moved, by the plan of
-csrc/common/gram_schmidt_plan.h: Q's j+1 rows read in 3 sweeps (dots, update, dots) plus
-a 4th where the second update runs (nearly never for float32 bases with float64 sums,
-usually for float64 ones: counted as 3 and 4), plus ~10 passes over w (norms, updates,
-the new row).
+device-to-device copy of the same size, over the bytes the step must move from memory by
+the plan of csrc/common/gram_schmidt_plan.h as csrc/cuda/lanczos_kernels.cu runs it:
+Q's j+1 rows read twice (sweep 1's dots; sweep 2's update, whose dots re-read each
+column's rows at once, from L2, not counted), a third time where the second update runs
+(nearly never for float32 bases with float64 sums, usually for float64 ones: counted as
+2 and 3), plus the passes over w-sized vectors (the norms ride along with the sweeps): a
+read in sweep 1, a read and a write in sweep 2, a read in sweep 3, a read of w and a
+write of the new row: 6; with the second update's write, 7.
 
     python benchmarks/bench_kernels.py [--quick] [--device cuda] [--threads 1,2]
 """
@@ -83,8 +88,8 @@ def bench_lanczos(sizes, dtypes, threads, repeats, device):
                            kernel_ms=res["kernel"] * 1e3, twin_ms=res["twin"] * 1e3, ratio=res["twin"] / res["kernel"],
                            kernel_ortho=res["kernel_ortho"], twin_ortho=res["twin_ortho"])
                 if device.startswith("cuda"):
-                    sweeps = 3 if dtype == torch.float32 else 4  # see the module docstring
-                    nbytes = Q0.element_size() * b * n * (sweeps * (j + 1) + 10)
+                    sweeps, w_passes = (2, 6) if dtype == torch.float32 else (3, 7)  # the module docstring
+                    nbytes = Q0.element_size() * b * n * (sweeps * (j + 1) + w_passes)
                     big = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
                     dst = torch.empty_like(big)
                     copy = timeit(lambda: dst.copy_(big), repeats, device)
@@ -119,6 +124,66 @@ def bench_kron(batches, dtypes, threads, repeats, device):
     return rows
 
 
+# GPU only: the two targets of issue 17.2 (cuBLAS path within 1.2x of cuBLAS on a wide
+# layer; the grouped kernel >= 2x a loop of per-layer cuBLAS calls on many small layers).
+KRON_GPU_LAYERS = {"wide 4096x4096": [(4096, 4096)], "wide 1024x2304": [(1024, 2304)],
+                   "200 small 16x16": [(16, 16)] * 200, "64 small 32x48": [(32, 48)] * 64}
+
+
+def bench_kron_gpu(dtypes, repeats, device, quick):
+    """kron_matmul against a Python loop of per-layer torch matmuls (cuBLAS, TF32 off), and
+    the same call with every layer forced through the grouped kernel
+    (HESSLAB_KRON_CUBLAS_MIN) or through cuBLAS (0)."""
+    import os
+
+    rows = []
+    layers = {"wide 512x512": [(512, 512)], "20 small 16x16": [(16, 16)] * 20} if quick else KRON_GPU_LAYERS
+    for model, shapes in layers.items():
+        for dtype in dtypes:
+            A = [torch.randn(i, i, dtype=dtype, device=device) for _, i in shapes]
+            B = [torch.randn(o, o, dtype=dtype, device=device) for o, _ in shapes]
+            N = sum(o * i for o, i in shapes)
+            b = 8
+            V = torch.randn(b, N, dtype=dtype, device=device)
+
+            def loop():
+                outs, off = [], 0
+                for (o, i), a, x in zip(shapes, A, B):
+                    outs.append((x @ V[:, off:off + o * i].view(b, o, i) @ a.T).reshape(b, -1))
+                    off += o * i
+                return torch.cat(outs, dim=1)
+
+            before = os.environ.get("HESSLAB_KRON_CUBLAS_MIN")
+            times = {}
+            try:
+                for name, env in [("kernel", before), ("grouped", "1000000000000"), ("cublas", "0")]:
+                    if env is None:
+                        os.environ.pop("HESSLAB_KRON_CUBLAS_MIN", None)
+                    else:
+                        os.environ["HESSLAB_KRON_CUBLAS_MIN"] = env
+                    times[name] = timeit(lambda: _ops.kron_matmul(A, B, V), repeats, device)
+            finally:
+                if before is None:
+                    os.environ.pop("HESSLAB_KRON_CUBLAS_MIN", None)
+                else:
+                    os.environ["HESSLAB_KRON_CUBLAS_MIN"] = before
+            tf32 = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = False
+            try:
+                times["loop"] = timeit(loop, repeats, device)
+                err = float((_ops.kron_matmul(A, B, V) - loop()).abs().max() / loop().abs().max())
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = tf32
+            row = dict(op="kron_matmul_gpu", model=model, N=N, b=b, dtype=str(dtype).split(".")[1],
+                       kernel_ms=times["kernel"] * 1e3, grouped_ms=times["grouped"] * 1e3,
+                       cublas_ms=times["cublas"] * 1e3, loop_ms=times["loop"] * 1e3,
+                       loop_over_kernel=times["loop"] / times["kernel"], rel_diff=err)
+            rows.append(row)
+            print(row, flush=True)
+            del A, B, V
+    return rows
+
+
 def main() -> None:
     args = parser(__doc__.splitlines()[0]).parse_args()
     device = args.device
@@ -128,8 +193,9 @@ def main() -> None:
     repeats = 2 if args.quick else args.repeats
     lanczos_rows = bench_lanczos(sizes, dtypes, threads, repeats, device)
     kron_rows = bench_kron([1, 8] if not args.quick else [1], dtypes, threads, repeats, device)
+    gpu_rows = bench_kron_gpu(dtypes, repeats, device, args.quick) if device.startswith("cuda") else []
     path = write_json(f"kernels_{device.split(':')[0]}", {"environment": environment(device), "lanczos": lanczos_rows,
-                                                          "kron": kron_rows}, args.out)
+                                                          "kron": kron_rows, "kron_gpu": gpu_rows}, args.out)
     cols = [("n", "n", ",d"), ("m", "m", "d"), ("b", "b", "d"), ("dtype", "dtype", "s"), ("threads", "threads", "d"),
             ("kernel_ms", "kernel ms", ".2f"), ("twin_ms", "twin ms", ".2f"), ("ratio", "twin/kernel", ".2f"),
             ("kernel_ortho", "kernel ‖Qᵀq‖∞", ".1e"), ("twin_ortho", "twin ‖Qᵀq‖∞", ".1e")]
@@ -139,6 +205,11 @@ def main() -> None:
     print("\n" + table(kron_rows, [("model", "layers", "s"), ("N", "N", ",d"), ("b", "b", "d"), ("dtype", "dtype", "s"),
                                    ("threads", "threads", "d"), ("kernel_ms", "kernel ms", ".3f"),
                                    ("twin_ms", "twin ms", ".3f"), ("ratio", "twin/kernel", ".2f")]))
+    if gpu_rows:
+        print("\n" + table(gpu_rows, [("model", "layers", "s"), ("dtype", "dtype", "s"), ("kernel_ms", "kernel ms", ".3f"),
+                                      ("grouped_ms", "all grouped ms", ".3f"), ("cublas_ms", "all cuBLAS ms", ".3f"),
+                                      ("loop_ms", "per-layer loop ms", ".3f"),
+                                      ("loop_over_kernel", "loop/kernel", ".2f"), ("rel_diff", "rel diff", ".1e")]))
     print(f"\nwrote {path}")
 
 

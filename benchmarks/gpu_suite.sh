@@ -19,11 +19,18 @@
 #                 present; test_ops_fuzz.py): fails if any CUDA variant was skipped
 #   4. memcheck   compute-sanitizer --tool memcheck over the CUDA op tests (small shapes)
 #   5. racecheck  compute-sanitizer --tool racecheck over the same tests (shared memory races)
-#   6. tests      python -m pytest -q -m "not slow" tests, minus the op tests of step 3
-#   7. kernels    python benchmarks/bench_kernels.py --device cuda
-#   8. peers      python benchmarks/bench_peers.py --device cuda --workloads resnet18 (batch 128)
+#   6. e2e        tests/test_device_e2e.py: the public API (products, lanczos, SLQ, trace,
+#                 KFAC, SpectrumTracker, resume) on CUDA against CPU float64 references;
+#                 fails if any CUDA variant was skipped
+#   7. tests      python -m pytest -q -m "not slow" tests, minus the tests of steps 3 and 6
+#   8. kernels    python benchmarks/bench_kernels.py --device cuda
+#   9. e2e_bench  python benchmarks/bench_gpu_e2e.py --device cuda --max-seconds 120: ResNet-18
+#                 (CIFAR-10 shapes, batch 512) and a GPT-2-shaped transformer, one product,
+#                 top-10, SLQ 90 x 8, trace 100, hesslab and every peer that imports
+#  10. peers      (RUN_PEERS=1 only: step 9 covers the peers at batch 512)
+#                 python benchmarks/bench_peers.py --device cuda --workloads resnet18 (batch 128)
 # Exit status: 1 if the build, the check, the op tests, a sanitizer or the tests fail (it
-# stops there); 3 if a benchmark fails (both benchmarks are still attempted); 0 otherwise.
+# stops there); 3 if a benchmark fails (every benchmark is still attempted); 0 otherwise.
 # SKIP_SANITIZER=1 skips steps 4-5 (e.g. when compute-sanitizer is not installed: the
 # suite then fails loudly unless this is set).
 set -uo pipefail
@@ -118,24 +125,36 @@ if [ "${SKIP_SANITIZER:-0}" != 1 ]; then
   done
 fi
 
+step e2e timeout 120 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_device_e2e.py \
+  || fail "the end-to-end tests failed on the GPU (see $OUT_DIR/gpu_suite_e2e.log)"
+no_cuda_skips "$OUT_DIR/gpu_suite_e2e.log"
+
 step tests timeout 300 "$PY" -m pytest -q -m "not slow" -rs -p no:cacheprovider \
-  $(printf -- '--ignore=%s ' "${OP_TESTS[@]}") tests \
+  $(printf -- '--ignore=%s ' "${OP_TESTS[@]}" tests/test_device_e2e.py) tests \
   || fail "the tests failed (see $OUT_DIR/gpu_suite_tests.log)"
 no_cuda_skips "$OUT_DIR/gpu_suite_tests.log"
 
 BENCH_RC=0
 step kernels timeout 120 "$PY" benchmarks/bench_kernels.py --device cuda --out "$OUT_DIR/kernels_cuda.json" || BENCH_RC=3
-step peers timeout 150 "$PY" benchmarks/bench_peers.py --device cuda --workloads resnet18 --resnet18-batch 128 \
-  --out "$OUT_DIR/peers_cuda.json" || BENCH_RC=3
+step e2e_bench timeout 200 "$PY" benchmarks/bench_gpu_e2e.py --device cuda --max-seconds 120 \
+  --json "$OUT_DIR/gpu_e2e.json" --markdown "$OUT_DIR/gpu_e2e.md" || BENCH_RC=3
+if [ "${RUN_PEERS:-0}" = 1 ]; then
+  step peers timeout 150 "$PY" benchmarks/bench_peers.py --device cuda --workloads resnet18 --resnet18-batch 128 \
+    --out "$OUT_DIR/peers_cuda.json" || BENCH_RC=3
+fi
 
 {
   echo
-  echo "Total $(( $(date +%s) - START )) s. Files: kernels_cuda.json, peers_cuda.json, peers_cuda.md and the logs, in $OUT_DIR."
+  echo "Total $(( $(date +%s) - START )) s. Files: kernels_cuda.json, gpu_e2e.json, gpu_e2e.md (peers_cuda.* with RUN_PEERS=1) and the logs, in $OUT_DIR."
   if grep -q '^|' "$OUT_DIR/gpu_suite_kernels.log" 2>/dev/null; then
     echo
     echo "## Kernels (bench_kernels.py --device cuda)"
     echo
     grep '^|' "$OUT_DIR/gpu_suite_kernels.log"
+  fi
+  if [ -f "$OUT_DIR/gpu_e2e.md" ]; then
+    echo
+    cat "$OUT_DIR/gpu_e2e.md"
   fi
   if [ -f "$OUT_DIR/peers_cuda.md" ]; then
     echo

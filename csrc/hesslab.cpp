@@ -41,12 +41,16 @@ TORCH_LIBRARY(hesslab, m) {
   // returns the applied coefficients d (+ c) as (b, j) float64.
   m.def("reorthogonalize_(Tensor Q, Tensor(a!) w, int j) -> Tensor");
   // Block-diagonal Kronecker product: out_l = vec(B_l V_l A_l^T) for every layer l.
-  m.def("kron_matmul(Tensor[] A, Tensor[] B, Tensor V) -> Tensor");
+  // allow_tf32 (trailing, default off: calls without it keep their meaning): float32 GEMMs
+  // on CUDA may round their inputs to TF32 (cuBLAS path only); ignored for float64 and on
+  // the CPU. Without it float32 products accumulate in float32, whatever torch's global
+  // TF32 switches say.
+  m.def("kron_matmul(Tensor[] A, Tensor[] B, Tensor V, bool allow_tf32=False) -> Tensor");
   // out_l = U_B (f(lamB lamA^T) * (U_B^T V_l U_A)) U_A^T with f(x) = (x + damping)^power
-  // where x >= thresholds[l] and 0 elsewhere.
+  // where x >= thresholds[l] and 0 elsewhere; allow_tf32 as for kron_matmul.
   m.def(
       "kron_eig_apply(Tensor[] UA, Tensor[] lamA, Tensor[] UB, Tensor[] lamB, Tensor V, "
-      "float power, float damping, Tensor thresholds) -> Tensor");
+      "float power, float damping, Tensor thresholds, bool allow_tf32=False) -> Tensor");
   // Top-k products lamB[i] * lamA[j], descending, with their index pairs.
   m.def("kron_topk(Tensor lamB, Tensor lamA, int k) -> (Tensor values, Tensor idx_B, Tensor idx_A)");
 }

@@ -22,8 +22,10 @@ Determinism (what a resumed run can rely on): every kernel is bitwise reproducib
 run. On the CPU the same inputs give the same bits whatever the thread count (fixed
 segments, sums in a fixed order). On CUDA the Lanczos ops reduce in two stages without
 atomics (per-block partial sums, then a fixed-order sum over the blocks; the grid depends
-only on n) and the Kronecker GEMMs compute every output tile in one block in a fixed K
-order, so the same inputs give the same bits on the same GPU model with the same build.
+only on n and the device's SM count, so a MIG slice counts as another model) and the Kronecker GEMMs compute every output tile in one block in a fixed K
+order (layers below KRON_CUBLAS_MIN_ELEMENTS) or through cuBLAS (larger layers: bitwise
+reproducible for the same problem, GPU model, cuBLAS version and stream), so the same
+inputs give the same bits on the same GPU model with the same build.
 Results are *not* bitwise equal across backends (CPU and CUDA add in different fixed
 orders: they agree to rounding) nor across GPU architectures or builds. A checkpointed
 Krylov run resumed on the same device, GPU model and build therefore continues bit for bit
@@ -189,18 +191,36 @@ def reorthogonalize_(Q: Tensor, w: Tensor, j: int) -> Tensor:
                  {"accumulate": torch.float64})
 
 
-def kron_matmul(A: Sequence[Tensor], B: Sequence[Tensor], V: Tensor) -> Tensor:
+#: Layers with out·in at or above this many elements go through cuBLAS on CUDA (the
+#: grouped kernel takes the smaller ones); the environment variable
+#: HESSLAB_KRON_CUBLAS_MIN overrides it at each call (csrc/cuda/kron_cuda.cpp).
+KRON_CUBLAS_MIN_ELEMENTS = 64 * 256
+
+
+def kron_matmul(A: Sequence[Tensor], B: Sequence[Tensor], V: Tensor, *, allow_tf32: bool = False) -> Tensor:
     """Block-diagonal Kronecker product over layers: block l of the result is vec(B_l V_l A_lᵀ).
+
+    Precision (the GEMMs accumulate in the storage dtype): float64 inputs compute in
+    float64 (on CUDA through cuBLAS's FP64 path, tensor cores on sm_80/sm_90); float32
+    inputs compute and accumulate in float32, never in TF32 unless ``allow_tf32=True``,
+    whatever torch's global switches (``torch.backends.cuda.matmul.allow_tf32``,
+    ``set_float32_matmul_precision``) say. With ``allow_tf32`` the CUDA cuBLAS path (layers
+    of at least :data:`KRON_CUBLAS_MIN_ELEMENTS` entries) rounds inputs to TF32 (relative
+    error ~1e-3, several times the FP32 throughput); small layers and the CPU ignore it.
+    For float64 accumulation of float32 data pass float64 tensors (there is no mixed
+    mode). The pure-torch twin follows torch's own settings.
 
     Args:
         A: per layer (in_l, in_l) input factor.
         B: per layer (out_l, out_l) output factor.
         V: (b, N), N = Σ out_l·in_l; block l is a row-major (out_l, in_l) matrix.
+        allow_tf32: permit TF32 for float32 GEMMs on CUDA (off by default).
 
     Returns:
         (b, N), the product (B_l ⊗ A_l) applied blockwise.
     """
-    return _call("kron_matmul", [("A", list(A)), ("B", list(B)), ("V", V)], reference.kron_matmul)
+    return _call("kron_matmul", [("A", list(A)), ("B", list(B)), ("V", V), ("allow_tf32", bool(allow_tf32))],
+                 reference.kron_matmul)
 
 
 def kron_eig_apply(
@@ -212,6 +232,8 @@ def kron_eig_apply(
     power: float = 1.0,
     damping: float = 0.0,
     thresholds: Tensor | None = None,
+    *,
+    allow_tf32: bool = False,
 ) -> Tensor:
     """Apply f(B_l ⊗ A_l) blockwise through the factors' eigenbases.
 
@@ -226,13 +248,16 @@ def kron_eig_apply(
         UB, lamB: per layer eigenvectors (out_l, out_l) and eigenvalues (out_l,) of B_l.
         V: (b, N) as in :func:`kron_matmul`.
         thresholds: (L,) float64 on V's device; None means no cut (−inf).
+        allow_tf32: permit TF32 for the float32 rotations on CUDA; precision as in
+            :func:`kron_matmul`.
     """
     if thresholds is None:
         thresholds = torch.full((len(UA),), float("-inf"), dtype=torch.float64, device=V.device)
     return _call(
         "kron_eig_apply",
         [("UA", list(UA)), ("lamA", list(lamA)), ("UB", list(UB)), ("lamB", list(lamB)), ("V", V),
-         ("power", float(power)), ("damping", float(damping)), ("thresholds", thresholds)],
+         ("power", float(power)), ("damping", float(damping)), ("thresholds", thresholds),
+         ("allow_tf32", bool(allow_tf32))],
         reference.kron_eig_apply,
     )
 
@@ -247,6 +272,12 @@ def kron_topk(lamB: Tensor, lamA: Tensor, k: int) -> tuple[Tensor, Tensor, Tenso
     Returns:
         values (k,) descending, idx_B (k,) and idx_A (k,) int64 with values = lamB[idx_B]·lamA[idx_A].
         The eigenvector of pair (i, j) is U_B[:, i] ⊗ U_A[:, j] (row-major vec).
+
+    Ties: the products are compared in float64 on every device; among equal products the
+    larger i comes first, and among equal lamA values the order of a stable argsort (the
+    larger j first where lamB[i] ≥ 0, the smaller where lamB[i] < 0), so the CPU and CUDA
+    kernels return the same pairs. (The twin forms all products and keeps torch.topk's
+    order among ties, which may differ.)
     """
     return _call("kron_topk", [("lamB", lamB), ("lamA", lamA), ("k", int(k))], reference.kron_topk)
 
@@ -406,12 +437,12 @@ if HAVE_EXTENSION:
         return Q.new_empty(Q.shape[0], j, dtype=torch.float64)
 
     @torch.library.register_fake("hesslab::kron_matmul")
-    def _(A, B, V):
+    def _(A, B, V, allow_tf32=False):
         check_kron_factors(A, B, V, "kron_matmul", "A", "B")
         return torch.empty_like(V, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("hesslab::kron_eig_apply")
-    def _(UA, lamA, UB, lamB, V, power, damping, thresholds):
+    def _(UA, lamA, UB, lamB, V, power, damping, thresholds, allow_tf32=False):
         check_kron_eig(UA, lamA, UB, lamB, V, thresholds)
         return torch.empty_like(V, memory_format=torch.contiguous_format)
 

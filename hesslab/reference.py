@@ -78,8 +78,9 @@ def _layers(V: Tensor, shapes: list[tuple[int, int]]) -> list[Tensor]:
     return [blk.reshape(V.shape[0], o, i) for blk, (o, i) in zip(V.split(sizes, dim=1), shapes)]
 
 
-def kron_matmul(A: list[Tensor], B: list[Tensor], V: Tensor) -> Tensor:
-    """Block-diagonal Kronecker product: block l of the result is vec(B_l V_l A_lᵀ)."""
+def kron_matmul(A: list[Tensor], B: list[Tensor], V: Tensor, allow_tf32: bool = False) -> Tensor:
+    """Block-diagonal Kronecker product: block l of the result is vec(B_l V_l A_lᵀ).
+    (allow_tf32 is accepted for the op's schema; the twin follows torch's own TF32 settings.)"""
     shapes = [(b.shape[0], a.shape[0]) for a, b in zip(A, B)]
     outs = [torch.einsum("ro,boi,si->brs", B_l, V_l, A_l) for A_l, B_l, V_l in zip(A, B, _layers(V, shapes))]
     return torch.cat([o.flatten(1) for o in outs], dim=1) if outs else V.clone()
@@ -94,6 +95,7 @@ def kron_eig_apply(
     power: float,
     damping: float,
     thresholds: Tensor,
+    allow_tf32: bool = False,
 ) -> Tensor:
     """Block l: U_B (f(λ_B λ_Aᵀ) ∘ (U_Bᵀ V_l U_A)) U_Aᵀ with f(x) = (x + damping)^power for x ≥ threshold_l, else 0."""
     shapes = [(ub.shape[0], ua.shape[0]) for ua, ub in zip(UA, UB)]

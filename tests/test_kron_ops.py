@@ -153,3 +153,122 @@ def test_under_torch_compile(device):
     V = torch.randn(2, 12, dtype=torch.float64, device=device)
     f = torch.compile(lambda V: torch.ops.hesslab.kron_matmul(A, B, V) + 1, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(f(V), reference.kron_matmul(A, B, V) + 1)
+
+
+def test_opcheck_with_allow_tf32(device):
+    A, B = _factors(torch.float32, device, [(3, 4)])
+    UA, lamA, UB, lamB = _eig(A, B)
+    V = torch.randn(2, 12, device=device)
+    thr = torch.full((1,), -float("inf"), dtype=torch.float64, device=device)
+    torch.library.opcheck(torch.ops.hesslab.kron_matmul.default, (A, B, V, True))
+    torch.library.opcheck(torch.ops.hesslab.kron_eig_apply.default, (UA, lamA, UB, lamB, V, 1.0, 0.0, thr, True))
+    # the trailing argument is optional: calls without it keep their meaning
+    torch.testing.assert_close(_ops.kron_matmul(A, B, V, allow_tf32=False), torch.ops.hesslab.kron_matmul(A, B, V))
+
+
+# ---- ties in kron_topk: one rule on every device ----
+
+def _topk_rule(lamB: torch.Tensor, lamA: torch.Tensor, k: int) -> list[tuple[int, int]]:
+    """The documented tie rule, by brute force: float64 products descending; equal products
+    by the larger row i; within a row the walk of a stable argsort of lamA (descending for
+    lamB[i] >= 0: the larger j of equal lamA first; ascending for lamB[i] < 0)."""
+    lb, la = lamB.double().cpu().tolist(), lamA.double().cpu().tolist()
+    asc = torch.argsort(lamA.cpu(), stable=True).tolist()
+    items = []
+    for i, b in enumerate(lb):
+        walk = asc[::-1] if b >= 0 else asc
+        items += [(-(b * la[j]), -i, c, i, j) for c, j in enumerate(walk)]
+    return [(i, j) for *_, i, j in sorted(items)[:k]]
+
+
+@pytest.mark.parametrize("case", ["ties", "signed_ties", "float32_rounding"])
+def test_kron_topk_ties_pick_the_same_pairs_on_every_device(case, dtype, device):
+    if case == "ties":
+        lamB, lamA = torch.tensor([1.0, 2.0, 2.0, 0.5, 4.0]), torch.tensor([2.0, 1.0, 1.0, 4.0, 0.5])
+    elif case == "signed_ties":
+        lamB, lamA = torch.tensor([-1.0, 1.0, -2.0, 2.0, 0.0]), torch.tensor([1.0, -1.0, 2.0, -2.0, 1.0])
+    else:  # products that are distinct in float64 but equal once rounded to float32
+        lamB = torch.tensor([1.0 + 2.0**-23, 1.0, 1.0 - 2.0**-24], dtype=torch.float64)
+        lamA = torch.tensor([1.0 + 2.0**-23, 1.0 - 2.0**-23, 3.0], dtype=torch.float64)
+    lamB, lamA = lamB.to(dtype=dtype, device=device), lamA.to(dtype=dtype, device=device)
+    k = lamB.numel() * lamA.numel()
+    vals, ib, ia = _ops.kron_topk(lamB, lamA, k)
+    pairs = list(zip(ib.tolist(), ia.tolist()))
+    assert pairs == _topk_rule(lamB, lamA, k)
+    cvals, cib, cia = _ops.kron_topk(lamB.cpu(), lamA.cpu(), k)
+    assert pairs == list(zip(cib.tolist(), cia.tolist()))  # the same pairs as the CPU kernel
+    torch.testing.assert_close(vals.cpu(), cvals, rtol=0, atol=0)
+    expected = (lamB.double()[ib] * lamA.double()[ia]).to(dtype)  # the float64 key, rounded once
+    torch.testing.assert_close(vals, expected, rtol=0, atol=0)
+
+
+# ---- the CUDA adapter's two GEMM paths (cuBLAS above the size threshold) ----
+
+def _cuda_only(device):
+    if device.type != "cuda":
+        pytest.skip("the cuBLAS path and TF32 exist only on CUDA")
+
+
+# out*in on both sides of KRON_CUBLAS_MIN_ELEMENTS = 16384, many tiny layers, a tall and a
+# wide one, and a non-square layer wider than 128 (several 64 x 64 tiles and K steps).
+THRESHOLD_LAYERS = [(64, 255), (64, 256), (3, 5), (130, 127), (1, 1), (1, 300), (300, 2), (2, 4)]
+
+
+@pytest.mark.parametrize("threshold", [None, "0", "1000000000"], ids=["default", "all_cublas", "all_grouped"])
+@pytest.mark.parametrize("b", [1, 3])
+def test_cublas_path_matches_the_twin_across_the_threshold(threshold, b, dtype, device, monkeypatch):
+    _cuda_only(device)
+    if threshold is not None:
+        monkeypatch.setenv("HESSLAB_KRON_CUBLAS_MIN", threshold)
+    assert 64 * 255 < _ops.KRON_CUBLAS_MIN_ELEMENTS <= 64 * 256
+    A, B = _factors(dtype, device, THRESHOLD_LAYERS)
+    N = sum(o * i for o, i in THRESHOLD_LAYERS)
+    V = torch.randn(b, N, dtype=dtype, device=device)
+    A64, B64, V64 = [a.double().cpu() for a in A], [x.double().cpu() for x in B], V.double().cpu()
+    tol = {torch.float32: 2e-5, torch.float64: 1e-12}[dtype]
+    out = _ops.kron_matmul(A, B, V)
+    expected = reference.kron_matmul(A64, B64, V64)
+    torch.testing.assert_close(out.double().cpu(), expected, rtol=tol, atol=tol * expected.abs().max().item())
+    UA, lamA, UB, lamB = _eig(A, B)
+    thr = torch.full((len(A),), 0.05, dtype=torch.float64, device=device)  # cut some products
+    out = _ops.kron_eig_apply(UA, lamA, UB, lamB, V, -0.5, 0.1, thr)
+    expected = reference.kron_eig_apply([u.cpu() for u in UA], [x.cpu() for x in lamA], [u.cpu() for u in UB],
+                                        [x.cpu() for x in lamB], V.cpu(), -0.5, 0.1, thr.cpu())
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(out.cpu(), expected, rtol=tol * 10, atol=tol * 10 * scale)
+    again = _ops.kron_matmul(A, B, V)
+    assert torch.equal(again, _ops.kron_matmul(A, B, V))  # run to run: the same bits
+
+
+def test_bad_threshold_variable_is_refused(device, monkeypatch):
+    _cuda_only(device)
+    monkeypatch.setenv("HESSLAB_KRON_CUBLAS_MIN", "many")
+    A, B = _factors(torch.float64, device, [(2, 3)])
+    with pytest.raises(ValueError, match="HESSLAB_KRON_CUBLAS_MIN"):
+        _ops.kron_matmul(A, B, torch.randn(1, 6, dtype=torch.float64, device=device))
+
+
+def test_float32_is_not_tf32_unless_asked(device):
+    """TF32 off by default even with torch's global TF32 switches on: a wide float32 product
+    matches float64 to float32 rounding (~1e-6), not TF32's ~1e-3."""
+    _cuda_only(device)
+    layers = [(512, 512)]
+    A, B = _factors(torch.float32, device, layers)
+    V = torch.randn(4, 512 * 512, device=device)
+    exact = reference.kron_matmul([a.double() for a in A], [x.double() for x in B], V.double())
+    scale = exact.abs().max().item()
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision())
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")
+        fp32_err = (_ops.kron_matmul(A, B, V).double() - exact).abs().max().item() / scale
+        tf32_err = (_ops.kron_matmul(A, B, V, allow_tf32=True).double() - exact).abs().max().item() / scale
+        UA, lamA, UB, lamB = _eig(A, B)
+        eig = _ops.kron_eig_apply(UA, lamA, UB, lamB, V, 1.0, 0.0)
+        eig_err = (eig.double() - exact).abs().max().item() / scale
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before[0]
+        torch.set_float32_matmul_precision(before[1])
+    assert fp32_err < 1e-5, f"float32 product off by {fp32_err:.2e}: TF32 used without allow_tf32?"
+    assert eig_err < 1e-4, f"kron_eig_apply float32 off by {eig_err:.2e}"
+    assert tf32_err < 1e-2  # TF32 when asked: still right to TF32 rounding

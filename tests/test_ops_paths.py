@@ -6,7 +6,11 @@ The constants come from the CUDA sources (the CPU kernels get the same shapes):
     loops wrap once a row has more than 1024 * 256 = 262144 elements), kMaxGridY = 65535
     (runs stride over gridDim.y beyond that);
   * csrc/cuda/lanczos_kernels.cu: kRowTile = 8 rows per dot_rows_kernel tile (rows > 8
-    take several tiles, the last one partial);
+    take several tiles, the last one partial; more than kMaxFusedRows = 512 rows run
+    sweep 2 unfused); its grid-stride loops span
+    kBlocksPerSm = 16 blocks per SM of 256 threads (under 160 * 16 * 256 = 655360 entries
+    on any GPU with at most 160 SMs: longer rows wrap); rows whose n is a multiple of the
+    vector width (4 floats, 2 doubles) take float4/double2 loads, the others scalar ones;
   * csrc/cuda/kron_kernels.cu: 64 x 64 output tiles, K steps of 16, kMaxGroups = 16 GEMM
     groups or scaled layers per launch (more layers take several launches), and
     eig_scale_kernel's grid-stride loop over one layer's out * in entries.
@@ -21,6 +25,7 @@ import torch
 from hesslab import _ops, reference
 
 STRIDE_SPAN = 1024 * 256  # kMaxStrideBlocks * kBlockThreads
+LANCZOS_SPAN = 160 * 16 * 256  # the Lanczos grid's span on a GPU of up to 160 SMs
 GRID_Y = 65535  # kMaxGridY
 ROW_TILE = 8  # kRowTile
 GEMM_TILE, GEMM_K = 64, 16
@@ -66,11 +71,14 @@ def _check_reorth(b, m, n, j, dtype, device):
 
 
 LANCZOS_PATHS = {
-    "n_wraps_grid_stride": (2, 3, STRIDE_SPAN + 37_963, 1),  # 300000 > 262144: the x loops wrap
+    "n_wraps_grid_stride": (2, 3, LANCZOS_SPAN + 37_963, 1),  # > 16 blocks/SM x 256: the x loops wrap
+    # n a multiple of 4: float4/double2 loads, and more vector groups than the span: they wrap
+    "n_wraps_grid_stride_vector": (1, 2, 4 * LANCZOS_SPAN + 64, 0),
     "n_one_block": (3, 4, 200, 2),  # fewer than 256 entries: one block, idle threads
     "n_one": (2, 1, 1, 0),  # a single entry per row, m = 1: no next row to write
     "rows_several_tiles": (2, 22, 300, 2 * ROW_TILE + 3),  # 20 rows: two full tiles and a partial one
     "rows_one_partial_tile": (3, 5, 50, 3),
+    "rows_above_fused_limit": (1, 520, 600, 515),  # 516 rows > kMaxFusedRows = 512: sweep 2 in two passes
     "single_run_single_row": (1, 1, 64, 0),
     "empty_batch": (0, 3, 10, 1),
     "empty_rows": (2, 3, 0, 1),  # n = 0: every sum is zero, breakdown everywhere

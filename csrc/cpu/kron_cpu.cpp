@@ -13,7 +13,9 @@
 // kron_topk: the k largest products lamB[i] lamA[j] without forming all p*q of them. Each
 // row i, walked along lamA in descending order when lamB[i] >= 0 and ascending otherwise,
 // is non-increasing; a max-heap holds one cursor per row and k pops give the answer in
-// O((p + k) log p).
+// O((p + k) log p). Keys are the float64 products; equal keys pop the larger row first
+// (the pair order of std::priority_queue), and lamA's argsort is stable: the CUDA kernel
+// follows the same rules, so ties give the same pairs on both devices.
 //
 // Reference: hesslab/reference.py (kron_matmul, kron_eig_apply, kron_topk).
 #include <ATen/Dispatch.h>
@@ -39,7 +41,7 @@ at::Tensor layer_view(const at::Tensor& V, const std::vector<int64_t>& off, size
   return V.narrow(1, off[l], off[l + 1] - off[l]).view({V.size(0), out, in});
 }
 
-at::Tensor kron_matmul_cpu(at::TensorList A, at::TensorList B, const at::Tensor& V) {
+at::Tensor kron_matmul_cpu(at::TensorList A, at::TensorList B, const at::Tensor& V, bool /*allow_tf32*/) {
   auto off = check_kron_factors(A, B, V, "kron_matmul", "A", "B");
   at::Tensor Vc = V.contiguous();
   at::Tensor out = at::empty_like(Vc);
@@ -55,7 +57,8 @@ at::Tensor kron_matmul_cpu(at::TensorList A, at::TensorList B, const at::Tensor&
 }
 
 at::Tensor kron_eig_apply_cpu(at::TensorList UA, at::TensorList lamA, at::TensorList UB, at::TensorList lamB,
-                              const at::Tensor& V, double power, double damping, const at::Tensor& thresholds) {
+                              const at::Tensor& V, double power, double damping, const at::Tensor& thresholds,
+                              bool /*allow_tf32: no TF32 on the CPU*/) {
   auto off = check_kron_eig(UA, lamA, UB, lamB, V, thresholds);
   at::Tensor Vc = V.contiguous();
   at::Tensor thr = thresholds.contiguous();
@@ -103,7 +106,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kron_topk_cpu(const at::Tensor& l
                                                              int64_t k) {
   check_kron_topk(lamB, lamA, k);
   at::Tensor lb = lamB.contiguous(), la = lamA.contiguous();
-  at::Tensor asc = at::argsort(la).contiguous();
+  at::Tensor asc = at::argsort(la, /*stable=*/true).contiguous();  // ties in lamA: as on CUDA
   at::Tensor values = at::empty({k}, lamB.options());
   at::Tensor ib = at::empty({k}, lamB.options().dtype(at::kLong));
   at::Tensor ia = at::empty({k}, lamB.options().dtype(at::kLong));

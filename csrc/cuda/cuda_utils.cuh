@@ -24,8 +24,10 @@ namespace cuda {
 
 // Threads per block of every kernel except kron_topk's single-thread kernel.
 constexpr int kBlockThreads = 256;
-// Cap on gridDim.x of grid-stride kernels: 1024 blocks of 256 threads fill an H100/A100
-// several times over; more blocks would only add partial sums.
+// Cap on gridDim.x of the elementwise grid-stride kernels (kron's eig_scale, coefficient
+// copies): 1024 blocks of 256 threads, about one wave on an H100/H200 (132 SMs x 8
+// resident blocks). The Lanczos sweeps size their grid from the SM count instead
+// (lanczos_kernels.cu: several waves).
 constexpr int64_t kMaxStrideBlocks = 1024;
 // Hardware limits on gridDim.y and gridDim.x.
 constexpr int64_t kMaxGridY = 65535;

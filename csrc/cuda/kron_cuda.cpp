@@ -2,19 +2,35 @@
 //
 // Checks the arguments (common/checks.h plus "is a CUDA tensor"), makes the inputs
 // contiguous, allocates outputs and workspaces on the device and calls the raw-pointer
-// launchers of kron_kernels.cu on the current stream. Nothing here synchronises the host
-// (kron_topk's argsort of lamA runs on the device).
+// launchers on the current stream. Nothing here synchronises the host (kron_topk's
+// argsort of lamA runs on the device).
+//
+// Two GEMM paths, chosen per layer by its size out * in:
+//   * below the threshold (many tiny layers): the grouped SIMT kernel of kron_kernels.cu,
+//     every small layer of a stage in one launch (per-layer cuBLAS calls would be
+//     launch-bound);
+//   * at or above it: cuBLAS strided-batched GEMMs over the batch (cublas_gemm.h), one
+//     per layer and stage, on tensor cores where the dtype allows (float64 DMMA; float32
+//     only with allow_tf32, which the grouped kernel ignores: it always computes in FP32).
+// The threshold is kCublasMinElements (64 x 256: four of the grouped kernel's 64 x 64
+// output tiles per batch row), overridable by the environment variable
+// HESSLAB_KRON_CUBLAS_MIN (elements; 0 sends every layer to cuBLAS, a huge value none),
+// read at each call, for the tests and the benchmark's threshold sweep. Both paths
+// write disjoint column ranges of the same (b, N) output and workspace, in stream order.
 #include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/argsort.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <tuple>
 #include <vector>
 
 #include "common/checks.h"
+#include "cublas_gemm.h"
 #include "kron_kernels.h"
 
 namespace {
@@ -34,8 +50,90 @@ struct KronArgs {
   std::vector<int64_t> offsets;
 };
 
+constexpr int64_t kCublasMinElements = 64 * 256;
+
+int64_t cublas_min_elements() {
+  const char* env = std::getenv("HESSLAB_KRON_CUBLAS_MIN");
+  if (env == nullptr || *env == '\0') {
+    return kCublasMinElements;
+  }
+  char* end = nullptr;
+  const long long v = std::strtoll(env, &end, 10);
+  TORCH_CHECK_VALUE(end != env && *end == '\0' && v >= 0,
+                    "hesslab: HESSLAB_KRON_CUBLAS_MIN must be a non-negative integer, got '", env,
+                    "'");
+  return static_cast<int64_t>(v);
+}
+
 template <typename T>
-std::vector<hesslab::cuda::KronLayer<T>> make_layers(const KronArgs& args) {
+using Layers = std::vector<hesslab::cuda::KronLayer<T>>;
+
+// The nonempty layers split by the threshold: {grouped kernel, cuBLAS}.
+template <typename T>
+std::pair<Layers<T>, Layers<T>> split_layers(const Layers<T>& layers) {
+  const int64_t threshold = cublas_min_elements();
+  std::pair<Layers<T>, Layers<T>> out;
+  for (const auto& L : layers) {
+    if (L.out == 0 || L.in == 0) {
+      continue;
+    }
+    (L.out * L.in >= threshold ? out.second : out.first).push_back(L);
+  }
+  return out;
+}
+
+enum class Side { kRight, kLeft };
+
+// For every layer of `layers` and batch row e, through cuBLAS: C_l = X_l op(right)
+// (Side::kRight) or C_l = op(left) X_l (Side::kLeft); op = transpose when `transpose`.
+// X, C: (b, N) flat, distinct.
+template <typename T>
+void cublas_layer_products(const Layers<T>& layers, Side side, bool transpose, const T* X, T* C,
+                           int64_t b, int64_t N, bool allow_tf32, const char* op) {
+  if (layers.empty()) {
+    return;
+  }
+  cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();  // bound to the current stream
+  for (const auto& L : layers) {
+    hesslab::cuda::RowMajorGemm<T> g{};
+    g.M = L.out;
+    g.N = L.in;
+    g.batch = b;
+    g.C = C + L.offset;
+    g.ldc = L.in;
+    g.stride_c = N;
+    if (side == Side::kRight) {
+      g.K = L.in;
+      g.X = X + L.offset;
+      g.ldx = L.in;
+      g.stride_x = N;
+      g.Y = L.right;
+      g.ldy = L.in;
+      g.stride_y = 0;
+      g.trans_y = transpose;
+    } else {
+      g.K = L.out;
+      g.X = L.left;
+      g.ldx = L.out;
+      g.stride_x = 0;
+      g.trans_x = transpose;
+      g.Y = X + L.offset;
+      g.ldy = L.in;
+      g.stride_y = N;
+    }
+    const cublasStatus_t status = hesslab::cuda::row_major_gemm<T>(handle, g, allow_tf32);
+    TORCH_CHECK(status == CUBLAS_STATUS_SUCCESS, "hesslab.", op, ": cuBLAS GEMM failed: ",
+                cublasGetStatusString(status));
+  }
+}
+
+void check_launch(cudaError_t err, const char* op) {
+  TORCH_CHECK(err == cudaSuccess, "hesslab.", op, ": CUDA kernel launch failed: ",
+              cudaGetErrorString(err));
+}
+
+template <typename T>
+Layers<T> make_layers(const KronArgs& args) {
   std::vector<hesslab::cuda::KronLayer<T>> layers(args.left.size());
   for (size_t l = 0; l < layers.size(); ++l) {
     layers[l].left = args.left[l].const_data_ptr<T>();
@@ -45,20 +143,33 @@ std::vector<hesslab::cuda::KronLayer<T>> make_layers(const KronArgs& args) {
     layers[l].out = args.left[l].size(0);
     layers[l].in = args.right[l].size(0);
     layers[l].offset = args.offsets[l];
+    layers[l].index = static_cast<int64_t>(l);
   }
   return layers;
 }
 
+// workspace_l = V_l A_l^T, then out_l = B_l workspace_l: small layers by the grouped
+// kernel (one launcher call), large ones by cuBLAS.
 template <typename T>
-cudaError_t launch_kron_matmul(const KronArgs& args, const at::Tensor& V, const at::Tensor& out,
-                               const at::Tensor& workspace, cudaStream_t stream) {
-  const auto layers = make_layers<T>(args);
-  return hesslab::cuda::kron_matmul_cuda<T>(
-      layers.data(), static_cast<int64_t>(layers.size()), V.const_data_ptr<T>(), V.size(0),
-      V.size(1), out.mutable_data_ptr<T>(), workspace.mutable_data_ptr<T>(), stream);
+void launch_kron_matmul(const KronArgs& args, const at::Tensor& V, const at::Tensor& out,
+                        const at::Tensor& workspace, bool allow_tf32, cudaStream_t stream) {
+  const auto [small, large] = split_layers<T>(make_layers<T>(args));
+  const int64_t b = V.size(0), N = V.size(1);
+  const T* v = V.const_data_ptr<T>();
+  T* o = out.mutable_data_ptr<T>();
+  T* ws = workspace.mutable_data_ptr<T>();
+  if (!small.empty()) {
+    check_launch(hesslab::cuda::kron_matmul_cuda<T>(small.data(),
+                                                    static_cast<int64_t>(small.size()), v, b, N,
+                                                    o, ws, stream),
+                 "kron_matmul");
+  }
+  cublas_layer_products<T>(large, Side::kRight, true, v, ws, b, N, allow_tf32, "kron_matmul");
+  cublas_layer_products<T>(large, Side::kLeft, false, ws, o, b, N, allow_tf32, "kron_matmul");
 }
 
-at::Tensor kron_matmul_op(at::TensorList A, at::TensorList B, const at::Tensor& V) {
+at::Tensor kron_matmul_op(at::TensorList A, at::TensorList B, const at::Tensor& V,
+                          bool allow_tf32) {
   KronArgs args;
   args.offsets = hesslab::check_kron_factors(A, B, V, "kron_matmul", "A", "B");
   TORCH_CHECK_VALUE(V.is_cuda(), "hesslab.kron_matmul: argument 'V' must be a CUDA tensor, got ",
@@ -73,29 +184,50 @@ at::Tensor kron_matmul_op(at::TensorList A, at::TensorList B, const at::Tensor& 
   const at::Tensor Vc = V.contiguous();
   const at::Tensor workspace = at::empty(V.sizes(), V.options());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const cudaError_t err = V.scalar_type() == at::kDouble
-                              ? launch_kron_matmul<double>(args, Vc, out, workspace, stream)
-                              : launch_kron_matmul<float>(args, Vc, out, workspace, stream);
-  TORCH_CHECK(err == cudaSuccess, "hesslab.kron_matmul: CUDA kernel launch failed: ",
-              cudaGetErrorString(err));
+  if (V.scalar_type() == at::kDouble) {
+    launch_kron_matmul<double>(args, Vc, out, workspace, allow_tf32, stream);
+  } else {
+    launch_kron_matmul<float>(args, Vc, out, workspace, allow_tf32, stream);
+  }
   return out;
 }
 
+// Small layers by the launcher (four grouped GEMM stages and the scale); large ones:
+// ws = V U_A, out = U_B^T ws (cuBLAS), out *= F (eig_scale_kernel), ws = out U_A^T,
+// out = U_B ws (cuBLAS).
 template <typename T>
-cudaError_t launch_kron_eig_apply(const KronArgs& args, const at::Tensor& V, double power,
-                                  double damping, const at::Tensor& thresholds,
-                                  const at::Tensor& out, const at::Tensor& workspace,
-                                  cudaStream_t stream) {
-  const auto layers = make_layers<T>(args);
-  return hesslab::cuda::kron_eig_apply_cuda<T>(
-      layers.data(), static_cast<int64_t>(layers.size()), V.const_data_ptr<T>(), V.size(0),
-      V.size(1), power, damping, thresholds.const_data_ptr<double>(), out.mutable_data_ptr<T>(),
-      workspace.mutable_data_ptr<T>(), stream);
+void launch_kron_eig_apply(const KronArgs& args, const at::Tensor& V, double power,
+                           double damping, const at::Tensor& thresholds, const at::Tensor& out,
+                           const at::Tensor& workspace, bool allow_tf32, cudaStream_t stream) {
+  const auto [small, large] = split_layers<T>(make_layers<T>(args));
+  const int64_t b = V.size(0), N = V.size(1);
+  const T* v = V.const_data_ptr<T>();
+  const double* thr = thresholds.const_data_ptr<double>();
+  T* o = out.mutable_data_ptr<T>();
+  T* ws = workspace.mutable_data_ptr<T>();
+  const char* op = "kron_eig_apply";
+  if (!small.empty()) {
+    check_launch(hesslab::cuda::kron_eig_apply_cuda<T>(small.data(),
+                                                       static_cast<int64_t>(small.size()), v, b,
+                                                       N, power, damping, thr, o, ws, stream),
+                 op);
+  }
+  if (large.empty()) {
+    return;
+  }
+  cublas_layer_products<T>(large, Side::kRight, false, v, ws, b, N, allow_tf32, op);
+  cublas_layer_products<T>(large, Side::kLeft, true, ws, o, b, N, allow_tf32, op);
+  check_launch(hesslab::cuda::kron_eig_scale_cuda<T>(large.data(),
+                                                     static_cast<int64_t>(large.size()), thr,
+                                                     power, damping, o, b, N, stream),
+               op);
+  cublas_layer_products<T>(large, Side::kRight, true, o, ws, b, N, allow_tf32, op);
+  cublas_layer_products<T>(large, Side::kLeft, false, ws, o, b, N, allow_tf32, op);
 }
 
 at::Tensor kron_eig_apply_op(at::TensorList UA, at::TensorList lamA, at::TensorList UB,
                              at::TensorList lamB, const at::Tensor& V, double power,
-                             double damping, const at::Tensor& thresholds) {
+                             double damping, const at::Tensor& thresholds, bool allow_tf32) {
   KronArgs args;
   args.offsets = hesslab::check_kron_eig(UA, lamA, UB, lamB, V, thresholds);
   TORCH_CHECK_VALUE(V.is_cuda(),
@@ -114,14 +246,13 @@ at::Tensor kron_eig_apply_op(at::TensorList UA, at::TensorList lamA, at::TensorL
   const at::Tensor thresholds_c = thresholds.contiguous();
   const at::Tensor workspace = at::empty(V.sizes(), V.options());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const cudaError_t err =
-      V.scalar_type() == at::kDouble
-          ? launch_kron_eig_apply<double>(args, Vc, power, damping, thresholds_c, out, workspace,
-                                          stream)
-          : launch_kron_eig_apply<float>(args, Vc, power, damping, thresholds_c, out, workspace,
-                                         stream);
-  TORCH_CHECK(err == cudaSuccess, "hesslab.kron_eig_apply: CUDA kernel launch failed: ",
-              cudaGetErrorString(err));
+  if (V.scalar_type() == at::kDouble) {
+    launch_kron_eig_apply<double>(args, Vc, power, damping, thresholds_c, out, workspace,
+                                  allow_tf32, stream);
+  } else {
+    launch_kron_eig_apply<float>(args, Vc, power, damping, thresholds_c, out, workspace,
+                                 allow_tf32, stream);
+  }
   return out;
 }
 
@@ -152,7 +283,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kron_topk_op(const at::Tensor& la
   }
   const at::Tensor lamB_c = lamB.contiguous();
   const at::Tensor lamA_c = lamA.contiguous();
-  const at::Tensor ascending = at::argsort(lamA_c);
+  const at::Tensor ascending = at::argsort(lamA_c, /*stable=*/true);  // as on the CPU
   const at::Tensor workspace = at::empty({2 * lamB.size(0)}, lamB.options().dtype(at::kLong));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const cudaError_t err =

@@ -11,13 +11,19 @@
 //                   f(x) = (x + damping)^power if x >= thresholds[l] else 0 (in float64);
 //                   out_l = U_B (X U_A^T): four grouped GEMM stages and eig_scale_kernel.
 //   kron_topk:      the k largest lamB[i] * lamA[j], descending, by a heap over the rows i
-//                   (kron_topk_kernel).
+//                   (kron_topk_kernel), keyed by the float64 product with ties to the
+//                   larger row, exactly as the CPU's std::priority_queue of
+//                   (double, (row, cursor)): both devices pick the same pairs on ties.
 //
 // grouped_gemm_kernel computes, for up to kMaxGroups groups per launch and every batch
 // element e of a group, C_e = op(A_e) op(B_e) (op = optional transpose), all row-major,
 // without alpha/beta. The group descriptors travel by value in the kernel parameter
 // struct (GemmLaunch, < 4 KiB) with each group's first tile index, so the launch needs
-// no device-side descriptors and no host synchronisation. The grid is a flat list of
+// no device-side descriptors and no host synchronisation; the parameter is
+// __grid_constant__, so the runtime index p.groups[g] reads the constant parameter bank
+// instead of forcing a per-thread local-memory copy of the struct (likewise
+// eig_scale_kernel's p.layers[blockIdx.y]). The adapter (kron_cuda.cpp) sends only the
+// layers below its size threshold here; larger ones go through cuBLAS (cublas_gemm.h). The grid is a flat list of
 // 64x64 output tiles (group, batch element, tile row, tile column); each block of 256
 // threads (16 x 16) stages 64x16 tiles of op(A) and 16x64 tiles of op(B) in shared
 // memory (loads coalesced along whichever dimension is contiguous in memory) and each
@@ -79,7 +85,8 @@ static_assert(sizeof(GemmLaunch<double>) <= 4096, "kernel parameters must stay w
 
 // Two blocks per SM: caps registers at 128 (no spills for float, a few bytes for double).
 template <typename T>
-__global__ void __launch_bounds__(kBlockThreads, 2) grouped_gemm_kernel(const GemmLaunch<T> p) {
+__global__ void __launch_bounds__(kBlockThreads, 2)
+    grouped_gemm_kernel(const __grid_constant__ GemmLaunch<T> p) {
   __shared__ T As[kTileK][kTileM + 1];  // As[k][m] = op(A)[m0 + m][k0 + k]
   __shared__ T Bs[kTileK][kTileN + 1];  // Bs[k][n] = op(B)[k0 + k][n0 + n]
 
@@ -278,7 +285,8 @@ struct ScaleLaunch {
 // grid (x: strides over one layer's rows*cols, y: layer). f is evaluated once per
 // (r, s) and applied to every batch row.
 template <typename T>
-__global__ void __launch_bounds__(kBlockThreads) eig_scale_kernel(const ScaleLaunch<T> p) {
+__global__ void __launch_bounds__(kBlockThreads)
+    eig_scale_kernel(const __grid_constant__ ScaleLaunch<T> p) {
   const ScaleLayer<T>& L = p.layers[blockIdx.y];
   const int64_t size = L.rows * L.cols;
   const double threshold = *L.threshold;
@@ -328,8 +336,8 @@ cudaError_t launch_eig_scale(const KronLayer<T>* layers, int64_t num_layers,
     if (count == kMaxGroups) {
       HESSLAB_CUDA_TRY(flush());
     }
-    launch.layers[count] = ScaleLayer<T>{X + L.offset, L.lam_left, L.lam_right, thresholds + l,
-                                         L.out, L.in};
+    launch.layers[count] = ScaleLayer<T>{X + L.offset, L.lam_left, L.lam_right,
+                                         thresholds + L.index, L.out, L.in};
     largest = std::max(largest, L.out * L.in);
     ++count;
   }
@@ -348,32 +356,40 @@ struct SortedRows {
   __device__ int64_t column(int64_t row, int64_t cursor) const {
     return lamB[row] < T(0) ? ascending[cursor] : ascending[q - 1 - cursor];
   }
-  __device__ T value(int64_t row, int64_t cursor) const {
-    return lamB[row] * lamA[column(row, cursor)];
+  // The float64 product, the key of the CPU's heap (a product rounded to T could tie
+  // where the float64 ones differ, and pick another pair).
+  __device__ double value(int64_t row, int64_t cursor) const {
+    return static_cast<double>(lamB[row]) * static_cast<double>(lamA[column(row, cursor)]);
   }
 };
 
-// Restores the max-heap property of heap[0, size) below `pos`; a row's key is its value
-// at its cursor.
+// The heap order of the CPU's std::priority_queue<(key, (row, cursor))>: the larger key,
+// and on equal keys the larger row (a row holds one heap entry at a time).
+__device__ inline bool heap_before(double key_a, int64_t row_a, double key_b, int64_t row_b) {
+  return key_a > key_b || (key_a == key_b && row_a > row_b);
+}
+
+// Restores the max-heap property (heap_before) of heap[0, size) below `pos`; a row's key
+// is its float64 value at its cursor.
 template <typename T>
 __device__ void sift_down(const SortedRows<T>& rows, int64_t* heap, const int64_t* cursor,
                           int64_t size, int64_t pos) {
   const int64_t row = heap[pos];
-  const T key = rows.value(row, cursor[row]);
+  const double key = rows.value(row, cursor[row]);
   while (true) {
     int64_t child = 2 * pos + 1;
     if (child >= size) {
       break;
     }
-    T child_key = rows.value(heap[child], cursor[heap[child]]);
+    double child_key = rows.value(heap[child], cursor[heap[child]]);
     if (child + 1 < size) {
-      const T right_key = rows.value(heap[child + 1], cursor[heap[child + 1]]);
-      if (right_key > child_key) {
+      const double right_key = rows.value(heap[child + 1], cursor[heap[child + 1]]);
+      if (heap_before(right_key, heap[child + 1], child_key, heap[child])) {
         ++child;
         child_key = right_key;
       }
     }
-    if (!(child_key > key)) {
+    if (!heap_before(child_key, heap[child], key, row)) {
       break;
     }
     heap[pos] = heap[child];
@@ -400,7 +416,7 @@ __global__ void kron_topk_kernel(SortedRows<T> rows, int64_t p, int64_t k, T* va
   for (int64_t t = 0; t < k; ++t) {
     const int64_t row = heap[0];
     const int64_t col = rows.column(row, cursor[row]);
-    values[t] = rows.lamB[row] * rows.lamA[col];
+    values[t] = static_cast<T>(rows.value(row, cursor[row]));  // as the CPU: the float64 key, rounded
     idx_B[t] = row;
     idx_A[t] = col;
     if (++cursor[row] == rows.q) {
@@ -448,6 +464,16 @@ cudaError_t kron_eig_apply_cuda(const KronLayer<T>* layers, int64_t num_layers, 
 }
 
 template <typename T>
+cudaError_t kron_eig_scale_cuda(const KronLayer<T>* layers, int64_t num_layers,
+                                const double* thresholds, double power, double damping, T* X,
+                                int64_t b, int64_t N, cudaStream_t stream) {
+  if (b == 0 || N == 0) {
+    return cudaSuccess;
+  }
+  return launch_eig_scale<T>(layers, num_layers, thresholds, power, damping, X, b, N, stream);
+}
+
+template <typename T>
 cudaError_t kron_topk_cuda(const T* lamB, const T* lamA, const int64_t* lamA_ascending, int64_t p,
                            int64_t q, int64_t k, T* values, int64_t* idx_B, int64_t* idx_A,
                            int64_t* workspace, cudaStream_t stream) {
@@ -470,6 +496,12 @@ template cudaError_t kron_eig_apply_cuda<float>(const KronLayer<float>*, int64_t
 template cudaError_t kron_eig_apply_cuda<double>(const KronLayer<double>*, int64_t,
                                                  const double*, int64_t, int64_t, double, double,
                                                  const double*, double*, double*, cudaStream_t);
+template cudaError_t kron_eig_scale_cuda<float>(const KronLayer<float>*, int64_t, const double*,
+                                                double, double, float*, int64_t, int64_t,
+                                                cudaStream_t);
+template cudaError_t kron_eig_scale_cuda<double>(const KronLayer<double>*, int64_t,
+                                                 const double*, double, double, double*, int64_t,
+                                                 int64_t, cudaStream_t);
 template cudaError_t kron_topk_cuda<float>(const float*, const float*, const int64_t*, int64_t,
                                            int64_t, int64_t, float*, int64_t*, int64_t*, int64_t*,
                                            cudaStream_t);

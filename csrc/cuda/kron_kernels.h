@@ -25,6 +25,7 @@ struct KronLayer {
   int64_t out;
   int64_t in;
   int64_t offset;
+  int64_t index;  // position in the op's layer list: its entry of `thresholds`
 };
 
 // out_l = B_l V_l A_l^T for every layer and batch row. V, out: (b, N) row-major;
@@ -42,8 +43,17 @@ cudaError_t kron_eig_apply_cuda(const KronLayer<T>* layers, int64_t num_layers, 
                                 const double* thresholds, T* out, T* workspace,
                                 cudaStream_t stream);
 
-// The k largest products lamB[i] * lamA[j] in descending order with their (i, j).
-// lamA_ascending: (q,) indices sorting lamA ascending (argsort). values, idx_B, idx_A:
+// X_l[r, s] *= f(lamB_l[r] * lamA_l[s]) in place for every layer of `layers` and batch row,
+// f as in kron_eig_apply_cuda (thresholds[layers[i].index]); X: (b, N). For the adapter's
+// cuBLAS path, which runs the four rotations itself.
+template <typename T>
+cudaError_t kron_eig_scale_cuda(const KronLayer<T>* layers, int64_t num_layers,
+                                const double* thresholds, double power, double damping, T* X,
+                                int64_t b, int64_t N, cudaStream_t stream);
+
+// The k largest products lamB[i] * lamA[j] in descending order with their (i, j), keyed
+// in float64 with ties to the larger i, as the CPU kernel. lamA_ascending: (q,) indices
+// sorting lamA ascending (a stable argsort, as on the CPU). values, idx_B, idx_A:
 // (k,); workspace: 2*p int64. Meant for small p, q (one layer's eigenvalue counts).
 template <typename T>
 cudaError_t kron_topk_cuda(const T* lamB, const T* lamA, const int64_t* lamA_ascending, int64_t p,

@@ -5,31 +5,46 @@
 // cpu/lanczos_cpu.cpp; must match hesslab/reference.py to rounding. For each run i
 // independently, every inner product and norm accumulated in float64 whatever the
 // storage dtype T:
-//   sweep 1: d = Q_R w, ||w||^2                                       (launch_sums)
-//   sweep 2: w -= Q_R^T d (subtract_rows_kernel); c = Q_R w, ||w||^2  (launch_sums)
+//   sweep 1: d = Q_R w and ||w||^2 in one pass                    (launch_sums)
+//   sweep 2: w -= Q_R^T d, then c = Q_R w and ||w||^2, fused per column (update_dots_kernel)
 //   skip:    again = plan::second_update_needed (skip_rule_kernel)
-//   sweep 3: w -= Q_R^T c where again (masked subtract_rows_kernel); ||w||^2
+//   sweep 3: w -= Q_R^T c where again, and the final ||w||^2 (update_dots_kernel, masked)
 //   lanczos_step_: step_scalars_kernel (alpha, beta, breakdown, the next row's scale),
 //                  normalize_kernel writes Q[:, j+1]; reorthogonalize_: coefficient_kernel.
-// Q_R is read three times per call (four when some run takes the second update), plus
-// small reads of w; 12-14 launches, no host synchronisation.
+// Like the CPU kernel, sweep 2 fuses the update of w with the next inner products: each
+// column's rows are read for the update and again at once for the dots (from L2 where
+// the resident warps' slices fit), so Q_R comes from DRAM about twice per call (three
+// times when some run takes the second update); the norms ride along with the sweeps.
+// 9 launches, no host synchronisation. Beyond kMaxFusedRows = 512 rows sweep 2 runs as
+// two passes (subtract_rows_kernel, then the dot sweep). The dot and fused sweeps load
+// float4/double2 (16 bytes) where n is a multiple of the vector width and Q and w are
+// 16-byte aligned (fresh allocations always are), scalars otherwise; the summation order,
+// hence the last bits, depends on which (deterministically, for given n and alignment).
 //
 // Memory layout: Q (b, m, n) row-major, row r of run i at Q + i*m*n + r*n; w (b, n);
 // coefficients (b, rows) row-major; every float64 intermediate lives in one workspace
 // (see Workspace) that the adapter allocates.
 //
-// Thread/block mapping: grid-stride kernels use a grid (x: G = min(ceil(n / 256), 1024)
-// blocks striding over n, y: min(b, 65535) blocks striding over the runs) of 256 threads.
-//   dot_rows_kernel: rows are taken kRowTile at a time so that w is read once per tile;
-//     each thread accumulates its strided elements in float64 registers, the block reduces
-//     them (warp shuffles + shared memory) and thread 0 stores the block's partial sum in
-//     its own slot partial[blockIdx.x][output]; finalize_kernel (one warp per output) then
-//     adds the G partial sums in a fixed order. No atomics: for a given n (hence G) every
-//     sum is formed in the same order on every call, so the ops are bitwise deterministic
-//     run to run on one GPU model and build (they still differ from the CPU kernel, which
-//     adds in another fixed order, by rounding).
-//   subtract_rows_kernel: same grid; thread x of run i computes
-//     w[i, x] -= sum_r c[i, r] Q[i, r, x] in float64, coalesced over x for every row r.
+// Thread/block mapping: grid-stride kernels use a grid (x: G = min(ceil(n / 256),
+// kBlocksPerSm * SMs) blocks striding over n, SMs = cudaDevAttrMultiProcessorCount of the
+// current device, i.e. several waves of resident blocks; y: min(b, 65535) blocks striding
+// over the runs) of 256 threads.
+//   dot_rows_kernel: rows are taken kRowTile at a time so that w is read once per tile
+//     (the first tile also accumulates ||w||^2); each thread accumulates its strided
+//     elements in float64 registers, and one block reduction per tile (warp shuffles, one
+//     shared-memory exchange for all the tile's sums: 2 __syncthreads) leaves the block's
+//     partial sums, which thread 0 stores in the block's own slots
+//     partial[blockIdx.x][output]; finalize_kernel (one warp per output) then adds the G
+//     partial sums in a fixed order. No atomics: for a given n and GPU model (hence G)
+//     every sum is formed in the same order on every call, so the ops are bitwise
+//     deterministic run to run on one GPU model and build (they still differ from the CPU
+//     kernel, which adds in another fixed order, by rounding).
+//   update_dots_kernel: same grid; thread x of run i computes w[i, x] -= sum_r c[i, r]
+//     Q[i, r, x] in float64 (coalesced over x for every row r), then the tile products
+//     with the updated entry; per 32-column chunk each warp reduces them by shuffles into
+//     its own shared-memory accumulators, the block adds its warps' at the end, and
+//     finalize_kernel adds the blocks': fixed orders, no atomics.
+//   subtract_rows_kernel (beyond 512 rows): the update alone, same mapping.
 // Per-run scalar logic (skip rule, alpha, beta, breakdown) is one thread per run.
 // All indexing is int64_t (n up to 1e8, b*m*n beyond 2^31).
 #include "lanczos_kernels.h"
@@ -49,6 +64,64 @@ namespace {
 // Rows whose dot products with w one sweep of dot_rows_kernel computes.
 constexpr int kRowTile = 8;
 constexpr int kWarps = kBlockThreads / 32;
+// Grid-stride blocks per SM (x extent of the grid): dot_rows_kernel takes 64 registers,
+// so 4 blocks of 256 threads are resident per SM and 16 per SM make four waves (two for
+// the lighter kernels, 8 resident). tests/test_ops_paths.py's wrap case assumes <= 160 SMs.
+constexpr int64_t kBlocksPerSm = 16;
+
+// SMs of the current device (an attribute query: no synchronisation); 132 if it fails.
+int64_t sm_count() {
+  int device = 0;
+  int sms = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+      sms <= 0) {
+    cudaGetLastError();  // clear the error: the launches report their own
+    return 132;
+  }
+  return sms;
+}
+
+// gridDim.x of the Lanczos grid-stride kernels over n > 0 columns on the current device.
+unsigned int lanczos_blocks(int64_t n) {
+  const int64_t cap = kBlocksPerSm * sm_count();
+  return static_cast<unsigned int>(std::min(ceil_div(n, kBlockThreads), cap));
+}
+
+// Vector loads: W consecutive entries of T as doubles, in one 16-byte load where W is
+// the vector width (float4: 4 floats, double2: 2 doubles), or a scalar load (W = 1).
+// The vector path needs n % W == 0 and 16-byte aligned Q and w (every row then starts
+// aligned); the launchers check it and otherwise run the scalar kernels.
+template <typename T>
+struct VecWidth {
+  static constexpr int value = 16 / sizeof(T);
+};
+
+template <typename T, int W>
+__device__ inline void load_as_double(const T* p, double (&out)[W]) {
+  if constexpr (W == 1) {
+    out[0] = static_cast<double>(p[0]);
+  } else if constexpr (sizeof(T) == 4) {
+    static_assert(W == 4, "float4");
+    const float4 v = *reinterpret_cast<const float4*>(p);
+    out[0] = v.x;
+    out[1] = v.y;
+    out[2] = v.z;
+    out[3] = v.w;
+  } else {
+    static_assert(W == 2, "double2");
+    const double2 v = *reinterpret_cast<const double2*>(p);
+    out[0] = v.x;
+    out[1] = v.y;
+  }
+}
+
+template <typename T>
+bool vector_ok(const T* Q, const T* w, int64_t n) {
+  constexpr int W = VecWidth<T>::value;
+  return n % W == 0 && reinterpret_cast<uintptr_t>(Q) % 16 == 0 &&
+         reinterpret_cast<uintptr_t>(w) % 16 == 0;
+}
 
 __device__ double warp_reduce_sum(double v) {
   for (int offset = 16; offset > 0; offset >>= 1) {
@@ -57,62 +130,89 @@ __device__ double warp_reduce_sum(double v) {
   return v;
 }
 
-// Sum of v over the block (blockDim.x == kBlockThreads), valid in thread 0. Every thread
-// of the block must call it; it may be called repeatedly.
-__device__ double block_reduce_sum(double v) {
-  __shared__ double warp_sums[kWarps];
+template <int K>
+__device__ void block_reduce_sums(double (&v)[K]) {
+  __shared__ double warp_sums[K][kWarps];
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
-  v = warp_reduce_sum(v);
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    v[k] = warp_reduce_sum(v[k]);
+  }
   __syncthreads();  // warp 0 has finished reading warp_sums of the previous call
   if (lane == 0) {
-    warp_sums[warp] = v;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      warp_sums[k][warp] = v[k];
+    }
   }
   __syncthreads();
-  v = 0.0;
   if (warp == 0) {
-    v = warp_reduce_sum(lane < kWarps ? warp_sums[lane] : 0.0);
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      v[k] = warp_reduce_sum(lane < kWarps ? warp_sums[k][lane] : 0.0);
+    }
   }
-  return v;
 }
 
-// partial[blockIdx.x * ldp + col0 + i*rows + r] = this block's share of
-// <X[i*x_run + r*x_row, 0:n], w[i, 0:n]> for r < rows, i < b (float64). X may alias w
-// (squared norms: X = w, x_row = 0, rows = 1).
-template <typename T>
+// This block's share (float64) of <Q[i*q_run + r*n, 0:n], w[i, 0:n]> for r < rows and of
+// ||w[i]||^2, for i < b: partial[blockIdx.x * ldp + i*rows + r] and
+// partial[blockIdx.x * ldp + b*rows + i]. rows may be 0 (the norm alone); the norm rides
+// along with the first row tile, so w is read once per tile of kRowTile rows. Each thread
+// takes W consecutive entries at a time (W = 1, or the vector width with n % W == 0).
+template <typename T, int W>
 __global__ void __launch_bounds__(kBlockThreads)
-    dot_rows_kernel(const T* X, int64_t x_run, int64_t x_row, int64_t rows, const T* w,
-                    int64_t b, int64_t n, double* partial, int64_t ldp, int64_t col0) {
+    dot_rows_kernel(const T* Q, int64_t q_run, int64_t rows, const T* w, int64_t b, int64_t n,
+                    double* partial, int64_t ldp) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  double* slot = partial + static_cast<int64_t>(blockIdx.x) * ldp + col0;
+  const int64_t groups = n / W;
+  double* slot = partial + static_cast<int64_t>(blockIdx.x) * ldp;
   for (int64_t i = blockIdx.y; i < b; i += gridDim.y) {
-    const T* Xi = X + i * x_run;
+    const T* Qi = Q + i * q_run;
     const T* wi = w + i * n;
-    for (int64_t r0 = 0; r0 < rows; r0 += kRowTile) {
-      // Block-uniform, so every thread reaches the same block_reduce_sum calls below.
-      const int64_t tile = rows - r0 < kRowTile ? rows - r0 : kRowTile;
-      double acc[kRowTile];
+    // r0 = 0 always runs (the norm); block-uniform, so every thread reaches the same
+    // block_reduce_sums calls below.
+    for (int64_t r0 = 0; r0 == 0 || r0 < rows; r0 += kRowTile) {
+      const int64_t tile = rows - r0 < kRowTile ? rows - r0 : kRowTile;  // 0..kRowTile
+      const bool with_norm = r0 == 0;
+      double acc[kRowTile + 1];  // the tile's dots, then ||w||^2
 #pragma unroll
-      for (int k = 0; k < kRowTile; ++k) {
+      for (int k = 0; k <= kRowTile; ++k) {
         acc[k] = 0.0;
       }
-      for (int64_t x = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; x < n;
-           x += stride) {
-        const double wx = static_cast<double>(wi[x]);
+      for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; g < groups;
+           g += stride) {
+        const int64_t x = g * W;
+        double wx[W];
+        load_as_double<T, W>(wi + x, wx);
 #pragma unroll
         for (int k = 0; k < kRowTile; ++k) {
           if (k < tile) {
-            acc[k] += static_cast<double>(Xi[(r0 + k) * x_row + x]) * wx;
+            double q[W];
+            load_as_double<T, W>(Qi + (r0 + k) * n + x, q);
+#pragma unroll
+            for (int e = 0; e < W; ++e) {
+              acc[k] += q[e] * wx[e];
+            }
+          }
+        }
+        if (with_norm) {
+#pragma unroll
+          for (int e = 0; e < W; ++e) {
+            acc[kRowTile] += wx[e] * wx[e];
           }
         }
       }
+      block_reduce_sums<kRowTile + 1>(acc);
+      if (threadIdx.x == 0) {
 #pragma unroll
-      for (int k = 0; k < kRowTile; ++k) {
-        if (k < tile) {
-          const double sum = block_reduce_sum(acc[k]);
-          if (threadIdx.x == 0) {
-            slot[i * rows + r0 + k] = sum;
+        for (int k = 0; k < kRowTile; ++k) {  // static indices: acc stays in registers
+          if (k < tile) {
+            slot[i * rows + r0 + k] = acc[k];
           }
+        }
+        if (with_norm) {
+          slot[b * rows + i] = acc[kRowTile];
         }
       }
     }
@@ -163,10 +263,135 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
 }
 
+// Rows up to which sweeps 2 and 3 run fused (update_dots_kernel): its per-warp
+// accumulators take kWarps * (rows + 1) doubles of shared memory (32.8 KB at 512).
+constexpr int64_t kMaxFusedRows = 512;
+
+// Sweep 2 (or 3) of the plan in one pass over each column of Q_R: w[i, x] -=
+// sum_{r < rows} coef[i*rows + r] Q[i*q_run + r*n + x] (float64, rounded to T; skipped
+// for runs with mask[i] false, mask not null), then, with the updated entry still in a
+// register, this block's share of <Q[i, r], w[i]> for r < dot_rows (rows or 0) and of
+// ||w[i]||^2 at partial[blockIdx.x * ldp + i*dot_rows + r] and
+// partial[blockIdx.x * ldp + b*dot_rows + i]. Each warp walks its own 32-column chunks
+// (chunk c of the block at x = (blockIdx.x + c * gridDim.x) * 256 + warp * 32 + lane), so
+// a chunk's rows are read a second time right after the first, from L2 when the resident
+// warps' slices fit there; per chunk and row tile each warp reduces its kRowTile + 1
+// products by shuffles and lane 0 adds them to the warp's own shared-memory
+// accumulators (no block barrier inside the loop); the block then adds its warps'
+// accumulators in warp order. Fixed order throughout: deterministic.
+template <typename T, int W>
+__global__ void __launch_bounds__(kBlockThreads)
+    update_dots_kernel(const T* Q, int64_t q_run, int64_t rows, const double* coef,
+                       const bool* mask, int64_t dot_rows, T* w, int64_t b, int64_t n,
+                       double* partial, int64_t ldp) {
+  extern __shared__ double warp_acc[];  // [kWarps][dot_rows + 1]: dots, then ||w||^2
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int64_t width = dot_rows + 1;
+  const int64_t groups = n / W;  // W consecutive entries per lane and chunk
+  double* mine = warp_acc + warp * width;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  double* slot = partial + static_cast<int64_t>(blockIdx.x) * ldp;
+  for (int64_t i = blockIdx.y; i < b; i += gridDim.y) {
+    const bool update = rows > 0 && (mask == nullptr || mask[i]);
+    const T* Qi = Q + i * q_run;
+    const double* ci = coef + i * rows;
+    T* wi = w + i * n;
+    for (int64_t r = lane; r < width; r += 32) {
+      mine[r] = 0.0;
+    }
+    __syncwarp();
+    // Warp-uniform loops: every lane reaches the same shuffles.
+    for (int64_t g0 = static_cast<int64_t>(blockIdx.x) * blockDim.x + warp * 32; g0 < groups;
+         g0 += stride) {
+      const int64_t x = (g0 + lane) * W;
+      const bool inside = g0 + lane < groups;
+      double wx[W];
+#pragma unroll
+      for (int e = 0; e < W; ++e) {
+        wx[e] = 0.0;
+      }
+      if (inside) {
+        load_as_double<T, W>(wi + x, wx);
+        if (update) {
+          double acc[W];
+#pragma unroll
+          for (int e = 0; e < W; ++e) {
+            acc[e] = 0.0;
+          }
+          for (int64_t r = 0; r < rows; ++r) {
+            double q[W];
+            load_as_double<T, W>(Qi + r * n + x, q);
+#pragma unroll
+            for (int e = 0; e < W; ++e) {
+              acc[e] += ci[r] * q[e];
+            }
+          }
+#pragma unroll
+          for (int e = 0; e < W; ++e) {
+            const T updated = static_cast<T>(wx[e] - acc[e]);
+            wi[x + e] = updated;
+            wx[e] = static_cast<double>(updated);
+          }
+        }
+      }
+      for (int64_t r0 = 0; r0 == 0 || r0 < dot_rows; r0 += kRowTile) {
+        const int64_t tile = dot_rows - r0 < kRowTile ? dot_rows - r0 : kRowTile;  // 0..8
+        double v[kRowTile + 1];
+#pragma unroll
+        for (int k = 0; k < kRowTile; ++k) {
+          v[k] = 0.0;
+          if (inside && k < tile) {
+            double q[W];
+            load_as_double<T, W>(Qi + (r0 + k) * n + x, q);
+#pragma unroll
+            for (int e = 0; e < W; ++e) {
+              v[k] += q[e] * wx[e];
+            }
+          }
+        }
+        v[kRowTile] = 0.0;
+        if (r0 == 0) {
+#pragma unroll
+          for (int e = 0; e < W; ++e) {
+            v[kRowTile] += wx[e] * wx[e];
+          }
+        }
+#pragma unroll
+        for (int k = 0; k <= kRowTile; ++k) {
+          v[k] = warp_reduce_sum(v[k]);
+        }
+        if (lane == 0) {
+#pragma unroll
+          for (int k = 0; k < kRowTile; ++k) {  // static indices: v stays in registers
+            if (k < tile) {
+              mine[r0 + k] += v[k];
+            }
+          }
+          if (r0 == 0) {
+            mine[dot_rows] += v[kRowTile];
+          }
+        }
+      }
+    }
+    __syncthreads();  // every warp's accumulators are complete
+    for (int64_t r = threadIdx.x; r < width; r += blockDim.x) {
+      double sum = 0.0;
+      for (int k = 0; k < kWarps; ++k) {
+        sum += warp_acc[k * width + r];
+      }
+      slot[r < dot_rows ? i * dot_rows + r : b * dot_rows + i] = sum;
+    }
+    __syncthreads();  // warp_acc is reset for the next run
+  }
+}
+
 // Float64 workspace, carved from one buffer: sums of sweeps 1, 2 (dots then norms, the
 // layout launch_sums writes) and 3, the skip flags, the next row's scale and the partial
 // sums of the two-stage reductions. The partial sums take G * b * (rows + 1) doubles with
 // G <= n / 256: at most ~1% of the basis' own bytes (2 (rows + 1) / (256 m) of a float32 Q).
+// G depends on the device (its SM count): the adapter asks for the size with the
+// tensors' device current, as the launch then runs.
 struct Workspace {
   double* s1;       // (b*rows + b)  d, then ||w_in||^2
   double* s2;       // (b*rows + b)  c, then ||w||^2 after sweep 2
@@ -176,7 +401,7 @@ struct Workspace {
   double* partial;  // (G * (b*rows + b))
 };
 
-int64_t partial_blocks(int64_t n) { return n > 0 ? stride_blocks(n) : 0; }
+int64_t partial_blocks(int64_t n) { return n > 0 ? lanczos_blocks(n) : 0; }
 
 int64_t workspace_size(int64_t b, int64_t rows, int64_t n) {
   return 2 * (b * rows + b) + 3 * b + partial_blocks(n) * (b * rows + b);
@@ -193,7 +418,7 @@ Workspace carve(double* base, int64_t b, int64_t rows) {
   return ws;
 }
 
-dim3 run_grid(int64_t b, int64_t n) { return dim3(stride_blocks(n), stride_blocks_y(b)); }
+dim3 run_grid(int64_t b, int64_t n) { return dim3(lanczos_blocks(n), stride_blocks_y(b)); }
 
 unsigned int warp_blocks(int64_t count) {
   return static_cast<unsigned int>(ceil_div(count * 32, kBlockThreads));
@@ -208,16 +433,16 @@ cudaError_t launch_sums(const T* Q, int64_t m, int64_t rows, const T* w, int64_t
   if (n == 0) {
     return cudaMemsetAsync(out, 0, count * sizeof(double), stream);
   }
-  if (rows > 0) {
-    dot_rows_kernel<T><<<run_grid(b, n), kBlockThreads, 0, stream>>>(Q, m * n, n, rows, w, b, n,
-                                                                      partial, count, 0);
-    HESSLAB_CUDA_TRY(cudaGetLastError());
+  const dim3 grid = run_grid(b, n);
+  if (vector_ok(Q, w, n)) {
+    dot_rows_kernel<T, VecWidth<T>::value><<<grid, kBlockThreads, 0, stream>>>(
+        Q, m * n, rows, w, b, n, partial, count);
+  } else {
+    dot_rows_kernel<T, 1><<<grid, kBlockThreads, 0, stream>>>(Q, m * n, rows, w, b, n, partial,
+                                                              count);
   }
-  dot_rows_kernel<T><<<run_grid(b, n), kBlockThreads, 0, stream>>>(w, n, 0, 1, w, b, n, partial,
-                                                                    count, b * rows);
   HESSLAB_CUDA_TRY(cudaGetLastError());
-  finalize_kernel<<<warp_blocks(count), kBlockThreads, 0, stream>>>(partial, partial_blocks(n),
-                                                                    count, out);
+  finalize_kernel<<<warp_blocks(count), kBlockThreads, 0, stream>>>(partial, grid.x, count, out);
   return cudaGetLastError();
 }
 
@@ -231,6 +456,36 @@ cudaError_t launch_subtract(const T* Q, int64_t q_run, int64_t rows, const doubl
   }
   subtract_rows_kernel<T><<<run_grid(b, n), kBlockThreads, 0, stream>>>(Q, q_run, rows, c, ldc,
                                                                          w, b, n, mask);
+  return cudaGetLastError();
+}
+
+// Sweep 2 (dot_rows = rows) or 3 (dot_rows = 0, masked) of the plan: w -= Q_R^T coef,
+// then out[0 : b*dot_rows] = Q_R w and out[b*dot_rows : +b] = ||w||^2 (see
+// update_dots_kernel; two launches). More than kMaxFusedRows dot rows: the update and
+// the sums as two sweeps (subtract_rows_kernel, launch_sums).
+template <typename T>
+cudaError_t launch_update_sums(const T* Q, int64_t m, int64_t rows, const double* coef,
+                               const bool* mask, int64_t dot_rows, T* w, int64_t b, int64_t n,
+                               double* partial, double* out, cudaStream_t stream) {
+  const int64_t count = b * dot_rows + b;
+  if (n == 0) {
+    return cudaMemsetAsync(out, 0, count * sizeof(double), stream);
+  }
+  if (dot_rows > kMaxFusedRows) {
+    HESSLAB_CUDA_TRY(launch_subtract<T>(Q, m * n, rows, coef, rows, w, b, n, stream, mask));
+    return launch_sums<T>(Q, m, dot_rows, w, b, n, partial, out, stream);
+  }
+  const dim3 grid = run_grid(b, n);
+  const size_t shared = static_cast<size_t>(kWarps * (dot_rows + 1)) * sizeof(double);
+  if (vector_ok<T>(Q, w, n)) {
+    update_dots_kernel<T, VecWidth<T>::value><<<grid, kBlockThreads, shared, stream>>>(
+        Q, m * n, rows, coef, mask, dot_rows, w, b, n, partial, count);
+  } else {
+    update_dots_kernel<T, 1><<<grid, kBlockThreads, shared, stream>>>(
+        Q, m * n, rows, coef, mask, dot_rows, w, b, n, partial, count);
+  }
+  HESSLAB_CUDA_TRY(cudaGetLastError());
+  finalize_kernel<<<warp_blocks(count), kBlockThreads, 0, stream>>>(partial, grid.x, count, out);
   return cudaGetLastError();
 }
 
@@ -254,15 +509,14 @@ template <typename T>
 cudaError_t cgs2(const T* Q, int64_t m, int64_t rows, T* w, int64_t b, int64_t n,
                  const Workspace& ws, cudaStream_t stream) {
   HESSLAB_CUDA_TRY(launch_sums<T>(Q, m, rows, w, b, n, ws.partial, ws.s1, stream));  // sweep 1
-  HESSLAB_CUDA_TRY(launch_subtract<T>(Q, m * n, rows, ws.s1, rows, w, b, n, stream));  // sweep 2
-  HESSLAB_CUDA_TRY(launch_sums<T>(Q, m, rows, w, b, n, ws.partial, ws.s2, stream));
+  HESSLAB_CUDA_TRY(launch_update_sums<T>(Q, m, rows, ws.s1, nullptr, rows, w, b, n, ws.partial,
+                                         ws.s2, stream));  // sweep 2: update, then c and norm
   skip_rule_kernel<<<static_cast<unsigned int>(ceil_div(b, kBlockThreads)), kBlockThreads, 0,
                      stream>>>(ws.s2, ws.s2 + b * rows, rows, b,
                                std::numeric_limits<T>::epsilon(), ws.again);
   HESSLAB_CUDA_TRY(cudaGetLastError());
-  HESSLAB_CUDA_TRY(
-      launch_subtract<T>(Q, m * n, rows, ws.s2, rows, w, b, n, stream, ws.again));  // sweep 3
-  return launch_sums<T>(Q, m, 0, w, b, n, ws.partial, ws.s3, stream);
+  return launch_update_sums<T>(Q, m, rows, ws.s2, ws.again, 0, w, b, n, ws.partial, ws.s3,
+                               stream);  // sweep 3 where again, and the final norm
 }
 
 // One thread per run: alpha, beta, breakdown and the next row's scale, by the plan.
