@@ -99,12 +99,13 @@ class KrylovState:
 
     Restarts split run 0's steps into *chains* (``cuts`` holds the step where each chain
     after the first begins). A chain ends either at a breakdown (an invariant subspace:
-    its β is zero) or by a forced restart asked for by the ``stop`` callback (``frozen``):
-    then the chain's next Lanczos vector d stays in Q as a *frozen* row that later chains
-    are orthogonalized against but that is no basis vector of T. Every chain is then a
-    Lanczos run on A compressed to the complement of all earlier rows, the projected
-    matrix on the union of the chains is block diagonal (one tridiagonal block per chain),
-    and ``G[f, s] = ⟨A q_s, d_f⟩`` holds the only coupling left, which enters the residuals.
+    its β is zero) or by a forced restart asked for by the ``stop`` callback (``forced``).
+    A forced restart keeps the chain's next Lanczos vector d in ``D`` (it is no basis
+    vector) and replaces it by a fresh random vector orthogonal to the basis; each later
+    chain is then a Lanczos run on A compressed to the complement of all earlier rows, and
+    the projected matrix QᵀAQ is block tridiagonal plus, for each forced chain f ending at
+    row e_f, the coupling β_{e_f} ⟨q_i, d_f⟩ between rows e_f and i ≥ e_f + 1, with
+    ``C[f, i] = ⟨q_i, d_f⟩`` recorded as the rows are multiplied.
     """
 
     Q: Tensor  # (b, capacity, n) basis, rows [0, row(j)] valid ("local": a window of 3)
@@ -116,19 +117,15 @@ class KrylovState:
     generator_state: Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.uint8))
     local: bool = False  # Q is the rolling window of "local" reorthogonalization
     cuts: list[int] = field(default_factory=list)  # run 0: steps where a restarted chain begins
-    frozen: list[int] = field(default_factory=list)  # run 0: the cuts that were forced restarts
-    G: Tensor | None = None  # (len(frozen), capacity) float64: ⟨A q_s, d_f⟩ for the frozen rows d_f
+    forced: list[int] = field(default_factory=list)  # run 0: the cuts that were forced restarts
+    D: Tensor | None = None  # (len(forced), n) basis dtype: the next vectors of the chains ended by force
+    C: Tensor | None = None  # (len(forced), capacity) float64: C[f, i] = ⟨q_i, d_f⟩ of run 0
     identity: tuple[float, float] | None = None  # (⟨q0, A q0⟩, ‖A q0‖) of run 0, for checkpoints
     finished: bool = False
 
     def row(self, j: int) -> int:
         """Row of Q that holds basis vector j (the last vector of a local window)."""
-        if self.local:
-            return min(j, 1)
-        return j + sum(1 for f in self.frozen if f <= j)
-
-    def frozen_rows(self) -> list[int]:
-        return [f + i for i, f in enumerate(self.frozen)]
+        return min(j, 1) if self.local else j
 
     def tridiagonal(self, i: int) -> tuple[Tensor, Tensor]:
         """Diagonal (m_i,) and off-diagonal (m_i - 1,) of run i's T, float64 on the CPU
@@ -162,9 +159,9 @@ def _grow(state: KrylovState, rows: int | None = None, coeffs: int | None = None
             new = torch.zeros(b, coeffs, dtype=torch.float64, device=old.device)
             new[:, :old_c] = old
             setattr(state, name, new)
-        G = torch.zeros(state.G.shape[0], coeffs, dtype=torch.float64, device=state.G.device)
-        G[:, :old_c] = state.G
-        state.G = G
+        C = torch.zeros(state.C.shape[0], coeffs, dtype=torch.float64, device=state.C.device)
+        C[:, :old_c] = state.C
+        state.C = C
 
 
 def _fresh_orthogonal(state: KrylovState, i: int, generator: torch.Generator, rows: int) -> bool:
@@ -217,8 +214,9 @@ def _payload(state: KrylovState) -> dict:
         "restarts": state.restarts,
         "generator_state": state.generator_state,
         "cuts": list(state.cuts),
-        "frozen": list(state.frozen),
-        "G": state.G[:, :j].cpu(),
+        "forced": list(state.forced),
+        "D": state.D.cpu(),
+        "C": state.C[:, :j].cpu(),
         "identity": state.identity,
         "finished": state.finished,
     }
@@ -232,12 +230,13 @@ def _state_from(payload: dict, rows_cap: int, coeff_cap: int, device: torch.devi
     cap = max(coeff_cap, j + 1)
     alphas = torch.zeros(b, cap, dtype=torch.float64, device=device)
     betas = torch.zeros(b, cap, dtype=torch.float64, device=device)
-    G = torch.zeros(payload["G"].shape[0], cap, dtype=torch.float64, device=device)
+    C = torch.zeros(payload["C"].shape[0], cap, dtype=torch.float64, device=device)
     alphas[:, :j], betas[:, :j] = payload["alphas"].to(device), payload["betas"].to(device)
-    G[:, :j] = payload["G"].to(device)
+    C[:, :j] = payload["C"].to(device)
     identity = payload["identity"]
     return KrylovState(Q, alphas, betas, payload["steps"].to(device), j, payload["restarts"],
-                       payload["generator_state"], local, list(payload["cuts"]), list(payload["frozen"]), G,
+                       payload["generator_state"], local, list(payload["cuts"]), list(payload["forced"]),
+                       payload["D"].to(device), C,
                        None if identity is None else (float(identity[0]), float(identity[1])),
                        bool(payload["finished"]))
 
@@ -256,7 +255,8 @@ def _fresh_state(q0: Tensor, rows_cap: int, coeff_cap: int, generator: torch.Gen
     Q[:, 0] = q0
     zeros = lambda *shape, dtype=torch.float64: torch.zeros(*shape, dtype=dtype, device=q0.device)  # noqa: E731
     return KrylovState(Q, zeros(b, coeff_cap), zeros(b, coeff_cap), zeros(b, dtype=torch.long),
-                       generator_state=generator.get_state(), local=local, G=zeros(0, coeff_cap))
+                       generator_state=generator.get_state(), local=local, D=q0.new_zeros(0, n),
+                       C=zeros(0, coeff_cap))
 
 
 def _resume_or_start(op: LinearOperator, q0: Tensor, ckpt: Checkpoint | None, rows_cap: int, coeff_cap: int,
@@ -288,8 +288,8 @@ def _product(op: LinearOperator, state: KrylovState, W: Tensor, active: Tensor) 
     else:
         W.zero_()
         W[idx] = AV.T.to(device=W.device, dtype=W.dtype)
-    if state.frozen:  # the coupling ⟨A q_j, d_f⟩ of run 0 to the frozen rows (before W is reorthogonalized)
-        state.G[:, state.j] = state.Q[0, state.frozen_rows()].double() @ W[0].double()
+    if state.forced:  # run 0's overlaps ⟨q_j, d_f⟩ with the next vectors of chains ended by force
+        state.C[:, state.j] = state.D.double() @ state.Q[0, r].double()
 
 
 def _step(state: KrylovState, W: Tensor, active: Tensor, tol: float) -> Tensor:
@@ -336,19 +336,21 @@ def _commit(state: KrylovState, generator: torch.Generator) -> None:
         state.j += 1
 
 
-def force_restart(state: KrylovState, generator: torch.Generator, row_limit: int) -> bool:
-    """End run 0's current chain: its next vector becomes a frozen row and a fresh random
-    vector orthogonal to every row starts a new chain. False (nothing changed) without room."""
-    r = state.row(state.j)  # the current chain's next Lanczos vector d
-    if state.local or state.Q.shape[0] != 1 or r + 2 > row_limit:
+def force_restart(state: KrylovState, generator: torch.Generator) -> bool:
+    """End run 0's current chain: its next Lanczos vector d moves to ``D`` and a fresh
+    random vector orthogonal to the basis starts a new chain in its row. False (nothing
+    changed) when there is no room."""
+    r = state.row(state.j)
+    if state.local or state.Q.shape[0] != 1 or r >= state.Q.shape[1]:
         return False
-    _grow(state, rows=r + 2)
+    d = state.Q[0, r].clone()
     with _interrupts_deferred():
-        if not _fresh_orthogonal(state, 0, generator, r + 1):
+        if not _fresh_orthogonal(state, 0, generator, r):
             return False
-        state.frozen.append(state.j)
+        state.forced.append(state.j)
         state.cuts.append(state.j)
-        state.G = torch.cat([state.G, torch.zeros_like(state.G[:1])])
+        state.D = torch.cat([state.D, d[None]])
+        state.C = torch.cat([state.C, state.C.new_zeros(1, state.C.shape[1])])
         state.restarts += 1
         state.generator_state = generator.get_state()
     return True
@@ -446,9 +448,9 @@ def _iterate(op: LinearOperator, state: KrylovState, ckpt: Checkpoint | None, ma
                 if decision is True or decision == "stop":
                     break
                 if decision == "restart":
-                    force_restart(state, generator, min(n, max_steps + len(state.frozen) + 2))
+                    force_restart(state, generator)
             r = state.row(state.j)
-            row_limit = min(n, max_steps + len(state.frozen) + 1)  # the next vector of the last step included
+            row_limit = min(n, max_steps + 1)  # the next vector of the last step included
             if not state.local and r + 1 >= state.Q.shape[1] and state.Q.shape[1] < row_limit:
                 _grow(state, rows=min(row_limit, max(2 * state.Q.shape[1], r + 2)))
             if state.j + 1 >= state.alphas.shape[1]:
