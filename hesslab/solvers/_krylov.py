@@ -36,7 +36,6 @@ T_i = tridiag(betas[i, :m-1], alphas[i, :m], betas[i, :m-1]).
 from __future__ import annotations
 
 import contextlib
-import numbers
 import os
 import signal
 import sys
@@ -50,6 +49,7 @@ from torch import Tensor
 from .. import _ops
 from ..errors import HesslabError, require
 from ..linops import LinearOperator
+from ._checks import is_int
 from ._checkpoint import Checkpoint, action_summary, fingerprint, operator_signature
 
 
@@ -366,11 +366,6 @@ def _check_options(on_breakdown: str, reorthogonalize: str, checkpoint_every: in
             f"checkpoint_every must be an integer >= 1 (steps between checkpoint writes), got {checkpoint_every!r}")
     require(is_int(check_every) and check_every >= 1,
             f"check_every must be an integer >= 1 (steps between convergence checks), got {check_every!r}")
-
-
-def is_int(x) -> bool:
-    """An integer that is not a bool."""
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 def run_krylov(

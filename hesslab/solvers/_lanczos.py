@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-import numbers
 import os
 from dataclasses import dataclass
 
@@ -14,7 +12,8 @@ from torch import Tensor
 from .._results import Result
 from ..errors import HesslabError, require
 from ..linops import LinearOperator
-from ._krylov import KrylovState, breakdown_tol, is_int, run_krylov
+from ._checks import check_basis_dtype, check_int, check_real, is_int
+from ._krylov import KrylovState, breakdown_tol, run_krylov
 from ._ritz import assess, ritz_pairs, select
 
 WHICH = ("LA", "SA", "LM")
@@ -64,18 +63,17 @@ def default_tol(dtype: torch.dtype) -> float:
     return 10 * float(torch.finfo(dtype).eps) ** 0.5
 
 
-def _check_arguments(op: LinearOperator, k, which: str, tol, max_steps, check_every, seed) -> None:
+def _check_arguments(op: LinearOperator, k, which: str, tol, max_steps, check_every, seed, basis_dtype) -> None:
     n = op.shape[0]
     require(which in WHICH, f"which must be one of {WHICH}, got {which!r}")
-    require(is_int(k) and 1 <= k < n,
-            f"k must be an integer with 1 <= k < n = {n}, got {k!r}; for all eigenvalues use hl.eigh_exact")
-    require(max_steps is None or (is_int(max_steps) and k <= max_steps <= n),
-            f"max_steps must be an integer with k = {k} <= max_steps <= n = {n}, got {max_steps!r}")
-    require(isinstance(tol, numbers.Real) and not isinstance(tol, bool) and 0 < tol < 1 and math.isfinite(tol),
-            f"tol must be a number with 0 < tol < 1 (relative residual tolerance), got {tol!r}")
-    require(check_every is None or (is_int(check_every) and check_every >= 1),
-            f"check_every must be an integer >= 1, got {check_every!r}")
+    check_int("k", k, 1, n - 1, hint=f" (n = {n}; for all eigenvalues use hl.eigh_exact)")
+    if max_steps is not None:
+        check_int("max_steps", max_steps, k, n, hint=f" (k = {k}, n = {n})")
+    check_real("tol", tol, 0.0, 1.0, hint=" (relative residual tolerance)")
+    if check_every is not None:
+        check_int("check_every", check_every, 1)
     require(is_int(seed), f"seed must be an integer, got {seed!r}")
+    check_basis_dtype(basis_dtype)
 
 
 def _start_vector(n: int, v0, gen: torch.Generator) -> Tensor:
@@ -158,7 +156,7 @@ def lanczos(
             basis that does not fit in memory.
     """
     tol = default_tol(op.dtype) if tol is None else tol
-    _check_arguments(op, k, which, tol, max_steps, check_every, seed)
+    _check_arguments(op, k, which, tol, max_steps, check_every, seed, basis_dtype)
     n = op.shape[0]
     max_steps = min(n, max(300, 40 * k)) if max_steps is None else max_steps
     basis_dtype = basis_dtype or op.dtype
