@@ -34,6 +34,10 @@ import torch
 from ._krylov import KrylovState
 
 
+MISS_PROBABILITY = 1e-3  # of a verification chain ending before it saw what it looks for (a bound)
+RESTART_MARGIN = 10.0  # the wanted pairs converge to tol / RESTART_MARGIN before a forced restart
+
+
 def select(theta: np.ndarray, k: int, which: str) -> np.ndarray:
     """Indices of the k wanted values of ``theta``, in reporting order."""
     if which == "LA":
@@ -159,16 +163,23 @@ def assess(state: KrylovState, k: int, which: str, tol: float, room: int) -> str
     if any(_beyond(float(own_theta[i]), kth, which, 2 * thr) for i in ends):
         # the newest chain found something past the k-th wanted value (Ritz values only
         # move outwards): converge it, then look again in a fresh chain
-        if m in state.cuts or np.any(p.est[sel] > thr / 10):
+        if m in state.cuts or np.any(p.est[sel] > thr / RESTART_MARGIN):
             return "continue"  # (a margin: the next chain's coupling must not undo the convergence)
         return "restart" if room >= max(2 * k, 10) else "continue"
     if m in state.cuts or bool(own_est.max() <= thr):
         return "stop"  # exhausted (a breakdown, or invariant to the tolerance): nothing is left beyond
     # The extreme Ritz value of a chain from a random vector converges to the extreme
-    # eigenvalue of what is left; once its residual is small, an eigenvalue lies within it.
-    loose = max(thr, 0.1 * np.sqrt(tol) * float(np.abs(p.theta).max()))
+    # eigenvalue of what is left, from inside. It is resolved when its residual is small
+    # next to its distance to the k-th wanted value and the chain is long enough for the
+    # bound of Kuczyński & Woźniakowski (1992): after j steps from a random start,
+    # λ_max − θ_max ≤ ε·width except with probability 1.648·√n·exp(−(2j − 1)·√ε).
+    a, b = state.chains()[-1]
+    width = 2 * float(np.abs(p.theta).max())
     for i in ends:
-        reach = own_theta[i] + np.sign(own_theta[i] if which == "LM" else (1.0 if which == "LA" else -1.0)) * own_est[i]
-        if own_est[i] > loose or _beyond(float(reach), kth, which, 2 * thr):
+        gap = abs(float(own_theta[i]) - kth) if which != "LM" else abs(kth) - abs(float(own_theta[i]))
+        if own_est[i] > max(thr, 0.1 * gap):
+            return "continue"
+        eps = max(gap, thr) / width
+        if 2 * (b - a) - 1 < np.log(1.648 * np.sqrt(n) / MISS_PROBABILITY) / np.sqrt(eps):
             return "continue"
     return "stop"
