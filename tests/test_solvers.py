@@ -356,3 +356,27 @@ def test_numeric_arguments_are_validated(call, name):
     with pytest.raises(HesslabError, match=f"^{name} must"):
         call(op)
     assert op.num_matvecs == 0
+
+
+@pytest.mark.parametrize("which", ["LA", "SA", "LM"])
+def test_lanczos_finds_every_copy_and_flags_only_certified_pairs(which):
+    """Issue 12 item 2: A = U diag(3, 2, 1, 0, ..., 0) Uᵀ with k = 5 (breakdowns), and a
+    double eigenvalue inside a spectrum of distinct values (no breakdown: only a
+    verification chain reveals the second copy)."""
+    U, _ = torch.linalg.qr(torch.randn(30, 30, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    lam = torch.zeros(30, dtype=torch.float64)
+    lam[:3] = torch.tensor([3.0, 2.0, 1.0])
+    r = lanczos(DenseOperator((U * lam) @ U.T), k=5, which=which)
+    want = {"LA": [3, 2, 1, 0, 0], "SA": [0] * 5, "LM": [3, 2, 1, 0, 0]}[which]
+    np.testing.assert_allclose(np.sort(r.eigenvalues.numpy()), np.sort(want), atol=1e-10)
+    assert r.converged.all()
+    rng = np.random.default_rng(1)
+    lam = (-1.0 if which == "SA" else 1.0) * np.concatenate([[10.0] * 3, rng.uniform(0, 9, 117)])
+    Q, _ = np.linalg.qr(rng.standard_normal((120, 120)))
+    A = torch.from_numpy((Q * lam) @ Q.T)
+    r = lanczos(DenseOperator(A), k=4, which=which)
+    want = np.sort(np.abs(lam))[::-1][:4]  # 10, 10, 10, then the largest of the rest
+    np.testing.assert_allclose(np.abs(r.eigenvalues.numpy()), want, atol=1e-8)
+    assert r.converged.all() and r.restarts >= 1
+    quick = lanczos(DenseOperator(A), k=4, which=which, verify=False)  # cheaper, and may miss the third copy
+    assert quick.num_matvecs < r.num_matvecs

@@ -134,7 +134,7 @@ def ritz_pairs(state: KrylovState) -> RitzPairs:
     return RitzPairs(theta, est, S, (own[0], np.abs(betas[b - 1] * own[1][-1, :]) if b > a else np.zeros(0)))
 
 
-def assess(state: KrylovState, k: int, which: str, tol: float, room: int) -> str:
+def assess(state: KrylovState, k: int, which: str, tol: float, room: int, verify: bool = True) -> str:
     """"stop" (the wanted set is certified), "restart" (ask for another chain) or "continue".
 
     Args:
@@ -143,6 +143,9 @@ def assess(state: KrylovState, k: int, which: str, tol: float, room: int) -> str
         tol: relative residual tolerance (of ‖T‖ = max |θ|).
         room: steps a new chain could still take; with too little room the current
             chain continues instead (it ends exhausted, which certifies as well).
+        verify: start verification chains; without, a run whose newest chain is still
+            open stops once the wanted pairs converged (a copy of an eigenvalue that no
+            breakdown revealed can then be missed).
     """
     m = int(state.steps[0])
     if m < k or m in state.forced:  # a forced chain that has not made its first step
@@ -163,7 +166,11 @@ def assess(state: KrylovState, k: int, which: str, tol: float, room: int) -> str
     if any(_beyond(float(own_theta[i]), kth, which, 2 * thr) for i in ends):
         # the newest chain found something past the k-th wanted value (Ritz values only
         # move outwards): converge it, then look again in a fresh chain
-        if m in state.cuts or np.any(p.est[sel] > thr / RESTART_MARGIN):
+        if m in state.cuts:
+            return "continue"
+        if not verify:
+            return "stop"
+        if np.any(p.est[sel] > thr / RESTART_MARGIN):
             return "continue"  # (a margin: the next chain's coupling must not undo the convergence)
         return "restart" if room >= max(2 * k, 10) else "continue"
     if m in state.cuts or bool(own_est.max() <= thr):
