@@ -323,3 +323,60 @@ def test_density_plot_has_log_axis():
     ax = d.plot(label="mlp")
     assert ax.get_yscale() == "log" and ax.get_xlabel() and len(ax.lines) == 1
     assert isinstance(d, SpectralDensity) and isinstance(lanczos(PROBLEMS[0][1], k=2), EigenResult)
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda op: spectral_density(op, 5, 2, sigma2=0), "sigma2"),
+    (lambda op: spectral_density(op, 5, 2, sigma2=-1e-3), "sigma2"),
+    (lambda op: spectral_density(op, 5, 2, sigma2=float("nan")), "sigma2"),
+    (lambda op: spectral_density(op, 5, 2, grid_size=1), "grid_size"),
+    (lambda op: spectral_density(op, 5, 2, grid_size=10.5), "grid_size"),
+    (lambda op: spectral_density(op, 5, 2, grid=np.array([1.0, 1.0, 2.0])), "grid"),
+    (lambda op: spectral_density(op, 5, 2, grid=np.array([0.0, np.inf])), "grid"),
+    (lambda op: spectral_density(op, 5.0, 2), "num_steps"),
+    (lambda op: spectral_density(op, 5, True), "num_probes"),
+    (lambda op: spectral_density(op, 5, 2, seed=0.5), "seed"),
+    (lambda op: spectral_density(op, 5, 2, basis_dtype=torch.int64), "basis_dtype"),
+    (lambda op: spectral_density(op, 5, 2, checkpoint_every=0), "checkpoint_every"),
+    (lambda op: lanczos(op, 2, tol=0), "tol"),
+    (lambda op: lanczos(op, 2, tol=-1e-6), "tol"),
+    (lambda op: lanczos(op, 2, tol=1.5), "tol"),
+    (lambda op: lanczos(op, 2, tol=float("inf")), "tol"),
+    (lambda op: lanczos(op, 2.0), "k"),
+    (lambda op: lanczos(op, 2, max_steps=4.0), "max_steps"),
+    (lambda op: lanczos(op, 2, check_every=0), "check_every"),
+    (lambda op: lanczos(op, 2, checkpoint_every=0), "checkpoint_every"),
+    (lambda op: lanczos(op, 2, v0=torch.full((10,), float("nan"))), "v0"),
+    (lambda op: trace(op, 10, batch_size=0), "batch_size"),
+    (lambda op: trace(op, 10.0), "num_matvecs"),
+    (lambda op: trace(op, 10, seed="1"), "seed"),
+])
+def test_numeric_arguments_are_validated(call, name):
+    op = DenseOperator(torch.eye(10, dtype=torch.float64))
+    with pytest.raises(HesslabError, match=f"^{name} must"):
+        call(op)
+    assert op.num_matvecs == 0
+
+
+@pytest.mark.parametrize("which", ["LA", "SA", "LM"])
+def test_lanczos_finds_every_copy_and_flags_only_certified_pairs(which):
+    """Issue 12 item 2: A = U diag(3, 2, 1, 0, ..., 0) Uᵀ with k = 5 (breakdowns), and a
+    double eigenvalue inside a spectrum of distinct values (no breakdown: only a
+    verification chain reveals the second copy)."""
+    U, _ = torch.linalg.qr(torch.randn(30, 30, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    lam = torch.zeros(30, dtype=torch.float64)
+    lam[:3] = torch.tensor([3.0, 2.0, 1.0])
+    r = lanczos(DenseOperator((U * lam) @ U.T), k=5, which=which)
+    want = {"LA": [3, 2, 1, 0, 0], "SA": [0] * 5, "LM": [3, 2, 1, 0, 0]}[which]
+    np.testing.assert_allclose(np.sort(r.eigenvalues.numpy()), np.sort(want), atol=1e-10)
+    assert r.converged.all()
+    rng = np.random.default_rng(1)
+    lam = (-1.0 if which == "SA" else 1.0) * np.concatenate([[10.0] * 3, rng.uniform(0, 9, 117)])
+    Q, _ = np.linalg.qr(rng.standard_normal((120, 120)))
+    A = torch.from_numpy((Q * lam) @ Q.T)
+    r = lanczos(DenseOperator(A), k=4, which=which)
+    want = np.sort(np.abs(lam))[::-1][:4]  # 10, 10, 10, then the largest of the rest
+    np.testing.assert_allclose(np.abs(r.eigenvalues.numpy()), want, atol=1e-8)
+    assert r.converged.all() and r.restarts >= 1
+    quick = lanczos(DenseOperator(A), k=4, which=which, verify=False)  # cheaper, and may miss the third copy
+    assert quick.num_matvecs < r.num_matvecs

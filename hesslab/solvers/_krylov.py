@@ -19,11 +19,15 @@ sync. The driver adds what long runs need:
   when it will not fit;
 * breakdown handling: a run whose Krylov space is exhausted either stops (SLQ: its
   quadrature is then exact) or restarts with a fresh random vector orthogonal to its
-  basis (the eigensolver; T gets a zero off-diagonal there);
+  basis (the eigensolver; T gets a zero off-diagonal there); the eigensolver may also end
+  a chain early (a forced restart, see :class:`KrylovState`) to look for copies of an
+  eigenvalue that a single Krylov space cannot hold;
 * a progress bar (tqdm; on by default only when stderr is a terminal);
-* checkpoints: with ``checkpoint=path`` the state is written every ``checkpoint_every``
-  steps and when the run is interrupted (KeyboardInterrupt or an error in a product);
-  a later call with the same arguments resumes from it and gives the identical result.
+* checkpoints (:mod:`._checkpoint`): with ``checkpoint=path`` the state is written
+  atomically every ``checkpoint_every`` steps, when the run is interrupted
+  (KeyboardInterrupt or an error in a product) and when it finishes; a later call with
+  the same arguments and the same operator resumes from it and gives the identical
+  result, and one for another operator or other arguments is refused.
 
 Notation: Q (b, m, n) the bases, alphas/betas (b, m) float64 the tridiagonal entries:
 T_i = tridiag(betas[i, :m-1], alphas[i, :m], betas[i, :m-1]).
@@ -32,13 +36,11 @@ T_i = tridiag(betas[i, :m-1], alphas[i, :m], betas[i, :m-1]).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import signal
 import sys
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -47,6 +49,8 @@ from torch import Tensor
 from .. import _ops
 from ..errors import HesslabError, require
 from ..linops import LinearOperator
+from ._checks import is_int
+from ._checkpoint import Checkpoint, action_summary, fingerprint, operator_signature
 
 
 def _available_bytes(device: torch.device) -> int:
@@ -91,97 +95,87 @@ def progress_enabled(progress: bool | None) -> bool:
 
 @dataclass
 class KrylovState:
-    """Everything needed to continue a batched Lanczos run (and to checkpoint it)."""
+    """Everything needed to continue a batched Lanczos run (and to checkpoint it).
 
-    Q: Tensor  # (b, capacity, n) basis, rows [0, j] valid ("local": rows [0, row(j)], a window)
-    alphas: Tensor  # (b, capacity) float64, entries [0, j) valid
+    Restarts split run 0's steps into *chains* (``cuts`` holds the step where each chain
+    after the first begins). A chain ends either at a breakdown (an invariant subspace:
+    its β is zero) or by a forced restart asked for by the ``stop`` callback (``forced``).
+    A forced restart keeps the chain's next Lanczos vector d in ``D`` (it is no basis
+    vector) and replaces it by a fresh random vector orthogonal to the basis; each later
+    chain is then a Lanczos run on A compressed to the complement of all earlier rows, and
+    the projected matrix QᵀAQ is block tridiagonal plus, for each forced chain f ending at
+    row e_f, the coupling β_{e_f} ⟨q_i, d_f⟩ between rows e_f and i ≥ e_f + 1, with
+    ``C[f, i] = ⟨q_i, d_f⟩`` recorded as the rows are multiplied.
+    """
+
+    Q: Tensor  # (b, capacity, n) basis, rows [0, row(j)] valid ("local": a window of 3)
+    alphas: Tensor  # (b, capacity) float64, entries [0, j) valid (indexed by step)
     betas: Tensor  # (b, capacity) float64, entries [0, j) valid
     steps: Tensor  # (b,) int64: rows of T in use per run (< j where a run stopped at a breakdown)
     j: int = 0  # steps completed
     restarts: int = 0
     generator_state: Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.uint8))
-
     local: bool = False  # Q is the rolling window of "local" reorthogonalization
+    cuts: list[int] = field(default_factory=list)  # run 0: steps where a restarted chain begins
+    forced: list[int] = field(default_factory=list)  # run 0: the cuts that were forced restarts
+    D: Tensor | None = None  # (len(forced), n) basis dtype: the next vectors of the chains ended by force
+    C: Tensor | None = None  # (len(forced), capacity) float64: C[f, i] = ⟨q_i, d_f⟩ of run 0
+    identity: tuple[float, float] | None = None  # (⟨q0, A q0⟩, ‖A q0‖) of run 0, for checkpoints
+    finished: bool = False
 
     def row(self, j: int) -> int:
         """Row of Q that holds basis vector j (the last vector of a local window)."""
         return min(j, 1) if self.local else j
 
     def tridiagonal(self, i: int) -> tuple[Tensor, Tensor]:
-        """Diagonal (m_i,) and off-diagonal (m_i - 1,) of run i's T, float64 on the CPU."""
+        """Diagonal (m_i,) and off-diagonal (m_i - 1,) of run i's T, float64 on the CPU
+        (zero between chains)."""
         m = int(self.steps[i])
-        return self.alphas[i, :m].cpu(), self.betas[i, : max(m - 1, 0)].cpu()
+        e = self.betas[i, : max(m - 1, 0)].cpu().clone()
+        if i == 0:
+            for c in self.cuts:
+                if 0 < c <= e.shape[0]:
+                    e[c - 1] = 0.0
+        return self.alphas[i, :m].cpu(), e
+
+    def chains(self) -> list[tuple[int, int]]:
+        """Run 0's chains as step ranges [start, end)."""
+        m = int(self.steps[0])
+        bounds = [0] + [c for c in self.cuts if c < m] + [m]
+        return [(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def _fingerprint(config: dict) -> str:
-    return hashlib.sha256(repr(sorted(config.items())).encode()).hexdigest()[:16]
-
-
-def _save(path: Path, state: KrylovState, fingerprint: str) -> None:
-    j = state.j
-    payload = {
-        "fingerprint": fingerprint,
-        "Q": state.Q[:, : state.row(j) + 1].cpu(),
-        "alphas": state.alphas[:, :j].cpu(),
-        "betas": state.betas[:, :j].cpu(),
-        "steps": state.steps.clamp(max=j).cpu(),  # an interrupted step is redone on resume
-        "j": j,
-        "restarts": state.restarts,
-        "generator_state": state.generator_state,
-    }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)  # atomic: an interruption while writing keeps the previous checkpoint
-
-
-def _load(path: Path, fingerprint: str, rows_cap: int, coeff_cap: int, device: torch.device,
-          local: bool) -> KrylovState | None:
-    if not path.exists():
-        return None
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if payload["fingerprint"] != fingerprint:
-        raise HesslabError(
-            f"checkpoint: {path} was written by a run with different arguments (operator size, steps, probes, "
-            "seed, dtype or reorthogonalization); delete it or pass another checkpoint path"
-        )
-    j = payload["j"]
-    b, rows, n = payload["Q"].shape  # rows = row(j) + 1, or j when the run filled its capacity
-    Q = torch.zeros(b, max(rows_cap, rows), n, dtype=payload["Q"].dtype, device=device)
-    Q[:, :rows] = payload["Q"].to(device)
-    cap = max(coeff_cap, rows)  # full: rows = j + 1; local: coeff_cap = max_steps
-    alphas = torch.zeros(b, cap, dtype=torch.float64, device=device)
-    betas = torch.zeros(b, cap, dtype=torch.float64, device=device)
-    alphas[:, :j] = payload["alphas"].to(device)
-    betas[:, :j] = payload["betas"].to(device)
-    return KrylovState(Q, alphas, betas, payload["steps"].to(device), j, payload["restarts"], payload["generator_state"],
-                       local)
-
-
-def _grow(state: KrylovState, capacity: int) -> None:
+def _grow(state: KrylovState, rows: int | None = None, coeffs: int | None = None) -> None:
+    """Enlarge Q to ``rows`` rows and the coefficient arrays to ``coeffs`` entries."""
     b, cap, n = state.Q.shape
-    if capacity <= cap:
-        return
-    Q = torch.empty(b, capacity, n, dtype=state.Q.dtype, device=state.Q.device)  # rows > j + 1 are never read
-    Q[:, :cap] = state.Q
-    state.Q = Q
-    for name in ("alphas", "betas"):
-        old = getattr(state, name)
-        new = torch.zeros(b, capacity, dtype=torch.float64, device=old.device)
-        new[:, :cap] = old
-        setattr(state, name, new)
+    if rows is not None and rows > cap:
+        Q = torch.empty(b, rows, n, dtype=state.Q.dtype, device=state.Q.device)  # rows > row(j) + 1 are never read
+        Q[:, :cap] = state.Q
+        state.Q = Q
+    old_c = state.alphas.shape[1]
+    if coeffs is not None and coeffs > old_c:
+        for name in ("alphas", "betas"):
+            old = getattr(state, name)
+            new = torch.zeros(b, coeffs, dtype=torch.float64, device=old.device)
+            new[:, :old_c] = old
+            setattr(state, name, new)
+        C = torch.zeros(state.C.shape[0], coeffs, dtype=torch.float64, device=state.C.device)
+        C[:, :old_c] = state.C
+        state.C = C
 
 
-def _fresh_orthogonal(state: KrylovState, i: int, generator: torch.Generator) -> bool:
-    """Write a random unit vector orthogonal to run i's rows [0, j] into row j + 1."""
-    j = state.j
+def _fresh_orthogonal(state: KrylovState, i: int, generator: torch.Generator, rows: int) -> bool:
+    """Write a random unit vector orthogonal to run i's rows [0, rows) into row ``rows``."""
     n = state.Q.shape[2]
+    if rows >= min(n, state.Q.shape[1]):
+        return False  # no room: the rows already span the whole space, or the capacity is spent
     for _ in range(3):
         v = torch.randn(n, generator=generator, dtype=torch.float64).to(state.Q)
-        w = v[None].clone()
-        _ops.reorthogonalize_(state.Q[i : i + 1], w, j + 1)
+        w = v[None].clone()  # contiguous, and no view of Q (reorthogonalize_ mutates w only)
+        _ops.reorthogonalize_(state.Q[i : i + 1], w, rows)
         norm = w.double().norm()
         if norm > 1e-8 * v.double().norm():
-            state.Q[i, j + 1] = (w[0].double() / norm).to(state.Q.dtype)
+            state.Q[i, rows] = (w[0].double() / norm).to(state.Q.dtype)
             return True
     return False  # the basis already spans the whole space
 
@@ -209,6 +203,171 @@ def _interrupts_deferred():
                 signal.raise_signal(signal.SIGINT)
 
 
+def _payload(state: KrylovState) -> dict:
+    j = state.j
+    return {
+        "Q": state.Q[:, : state.row(j) + 1].cpu(),
+        "alphas": state.alphas[:, :j].cpu(),
+        "betas": state.betas[:, :j].cpu(),
+        "steps": state.steps.clamp(max=j).cpu(),  # an interrupted step is redone on resume
+        "j": j,
+        "restarts": state.restarts,
+        "generator_state": state.generator_state,
+        "cuts": list(state.cuts),
+        "forced": list(state.forced),
+        "D": state.D.cpu(),
+        "C": state.C[:, :j].cpu(),
+        "identity": state.identity,
+        "finished": state.finished,
+    }
+
+
+def _state_from(payload: dict, rows_cap: int, coeff_cap: int, device: torch.device, local: bool) -> KrylovState:
+    j = payload["j"]
+    b, rows, n = payload["Q"].shape
+    Q = torch.zeros(b, max(rows_cap, rows), n, dtype=payload["Q"].dtype, device=device)
+    Q[:, :rows] = payload["Q"].to(device)
+    cap = max(coeff_cap, j + 1)
+    alphas = torch.zeros(b, cap, dtype=torch.float64, device=device)
+    betas = torch.zeros(b, cap, dtype=torch.float64, device=device)
+    C = torch.zeros(payload["C"].shape[0], cap, dtype=torch.float64, device=device)
+    alphas[:, :j], betas[:, :j] = payload["alphas"].to(device), payload["betas"].to(device)
+    C[:, :j] = payload["C"].to(device)
+    identity = payload["identity"]
+    return KrylovState(Q, alphas, betas, payload["steps"].to(device), j, payload["restarts"],
+                       payload["generator_state"], local, list(payload["cuts"]), list(payload["forced"]),
+                       payload["D"].to(device), C,
+                       None if identity is None else (float(identity[0]), float(identity[1])),
+                       bool(payload["finished"]))
+
+
+def _unit_starts(starts: Tensor, basis_dtype: torch.dtype, basis_device: torch.device) -> Tensor:
+    """(b, n) start vectors normalised in float64, in the basis dtype (the rows q_0)."""
+    v0 = starts.to(device=basis_device, dtype=torch.float64)
+    norms = v0.norm(dim=1, keepdim=True)
+    require(bool((norms > 0).all()), "start vectors must be nonzero")
+    return (v0 / norms).to(basis_dtype)
+
+
+def _fresh_state(q0: Tensor, rows_cap: int, coeff_cap: int, generator: torch.Generator, local: bool) -> KrylovState:
+    b, n = q0.shape
+    Q = torch.empty(b, rows_cap, n, dtype=q0.dtype, device=q0.device)  # rows > row(j) + 1 are never read
+    Q[:, 0] = q0
+    zeros = lambda *shape, dtype=torch.float64: torch.zeros(*shape, dtype=dtype, device=q0.device)  # noqa: E731
+    return KrylovState(Q, zeros(b, coeff_cap), zeros(b, coeff_cap), zeros(b, dtype=torch.long),
+                       generator_state=generator.get_state(), local=local, D=q0.new_zeros(0, n),
+                       C=zeros(0, coeff_cap))
+
+
+def _resume_or_start(op: LinearOperator, q0: Tensor, ckpt: Checkpoint | None, rows_cap: int, coeff_cap: int,
+                     generator: torch.Generator, local: bool) -> KrylovState:
+    """The state to continue: the checkpoint's (its operator checked with one product) or a fresh one."""
+    payload = ckpt.read() if ckpt is not None else None
+    if payload is None:
+        return _fresh_state(q0, rows_cap, coeff_cap, generator, local)
+    state = _state_from(payload, rows_cap, coeff_cap, q0.device, local)
+    if state.j > 0:
+        Aq = op.matmat(q0[:1].T.to(device=op.device, dtype=op.dtype))[:, 0]
+        ckpt.check_identity(state.identity, action_summary(q0[0], Aq), op.dtype)
+    generator.set_state(state.generator_state)
+    return state
+
+
+def _product(op: LinearOperator, state: KrylovState, W: Tensor, active: Tensor) -> None:
+    """W ← A q_j for the active runs (zeros elsewhere), in the basis dtype; ``W`` is the
+    driver's own contiguous buffer, never a view of Q or of the operator's output."""
+    r = state.row(state.j)
+    all_active = bool(active.all())
+    idx = active.nonzero().flatten()
+    V = state.Q[:, r] if all_active else state.Q[idx, r]
+    AV = op.matmat(V.T.to(device=op.device, dtype=op.dtype))  # (n, |active|)
+    if state.j == 0 and state.identity is None:  # all runs are active at step 0
+        state.identity = action_summary(state.Q[0, 0], AV[:, 0])
+    if all_active:
+        W.copy_(AV.T)
+    else:
+        W.zero_()
+        W[idx] = AV.T.to(device=W.device, dtype=W.dtype)
+    if state.forced:  # run 0's overlaps ⟨q_j, d_f⟩ with the next vectors of chains ended by force
+        state.C[:, state.j] = state.D.double() @ state.Q[0, r].double()
+
+
+def _step(state: KrylovState, W: Tensor, active: Tensor, tol: float) -> Tensor:
+    """One compiled Lanczos step on W; records alpha and beta of the active runs; returns
+    the runs that broke down."""
+    j = state.j
+    beta_prev = state.betas[:, j - 1].clone() if j > 0 else torch.zeros_like(state.betas[:, 0])
+    if j in state.cuts:
+        beta_prev[0] = 0.0  # a chain's first step: no previous vector
+    alpha, beta, broke = _ops.lanczos_step_(state.Q, W, beta_prev, state.row(j), tol)
+    # A NaN/Inf entry of A q_j makes alpha or beta non-finite: one check of 2b scalars.
+    if not bool(((torch.isfinite(alpha) & torch.isfinite(beta)) | ~active).all()):
+        raise HesslabError(f"the operator returned NaN or Inf at step {j}: check the model, loss and data")
+    state.alphas[:, j] = torch.where(active, alpha, state.alphas[:, j])
+    state.betas[:, j] = torch.where(active, beta, state.betas[:, j])
+    state.steps += active.long()
+    return broke & active
+
+
+def _after_breakdown(state: KrylovState, broke: Tensor, active: Tensor, on_breakdown: str,
+                     generator: torch.Generator, max_steps: int) -> None:
+    """Restart (or stop) the runs whose Krylov space was exhausted at this step."""
+    j = state.j
+    if not bool(broke.any()) or j + 1 >= max_steps:
+        return
+    r = state.row(j)
+    for i in broke.nonzero().flatten().tolist():
+        if on_breakdown == "restart" and _fresh_orthogonal(state, i, generator, r + 1):
+            state.betas[i, j] = 0.0
+            state.restarts += 1
+            if i == 0:
+                state.cuts.append(j + 1)
+        else:
+            active[i] = False
+
+
+def _commit(state: KrylovState, generator: torch.Generator) -> None:
+    """Close a step: generator state, window slide, step count, all with Ctrl-C held."""
+    with _interrupts_deferred():  # a checkpoint must never see half of this commit
+        state.generator_state = generator.get_state()  # as of the last completed step
+        if state.local and state.row(state.j) == 1:  # slide the window: q_j, q_{j+1} become rows 0, 1
+            state.Q[:, 0].copy_(state.Q[:, 1])
+            state.Q[:, 1].copy_(state.Q[:, 2])
+        state.j += 1
+
+
+def force_restart(state: KrylovState, generator: torch.Generator) -> bool:
+    """End run 0's current chain: its next Lanczos vector d moves to ``D`` and a fresh
+    random vector orthogonal to the basis starts a new chain in its row. False (nothing
+    changed) when there is no room."""
+    r = state.row(state.j)
+    if state.local or state.Q.shape[0] != 1 or r >= state.Q.shape[1]:
+        return False
+    d = state.Q[0, r].clone()
+    with _interrupts_deferred():
+        if not _fresh_orthogonal(state, 0, generator, r):
+            return False
+        state.forced.append(state.j)
+        state.cuts.append(state.j)
+        state.D = torch.cat([state.D, d[None]])
+        state.C = torch.cat([state.C, state.C.new_zeros(1, state.C.shape[1])])
+        state.restarts += 1
+        state.generator_state = generator.get_state()
+    return True
+
+
+def _check_options(on_breakdown: str, reorthogonalize: str, checkpoint_every: int, check_every: int) -> None:
+    require(on_breakdown in ("stop", "restart"), f"on_breakdown must be 'stop' or 'restart', got {on_breakdown!r}")
+    require(reorthogonalize in ("full", "local"),
+            f"reorthogonalize must be 'full' or 'local', got {reorthogonalize!r}")
+    require(not (reorthogonalize == "local" and on_breakdown == "restart"),
+            "on_breakdown='restart' needs reorthogonalize='full'")
+    require(is_int(checkpoint_every) and checkpoint_every >= 1,
+            f"checkpoint_every must be an integer >= 1 (steps between checkpoint writes), got {checkpoint_every!r}")
+    require(is_int(check_every) and check_every >= 1,
+            f"check_every must be an integer >= 1 (steps between convergence checks), got {check_every!r}")
+
+
 def run_krylov(
     op: LinearOperator,
     starts: Tensor,
@@ -219,7 +378,7 @@ def run_krylov(
     on_breakdown: str,
     generator: torch.Generator,
     breakdown_tol: float,
-    stop: Callable[[KrylovState], bool] | None = None,
+    stop: Callable[[KrylovState], bool | str] | None = None,
     check_every: int = 1,
     initial_capacity: int | None = None,
     progress: bool | None = None,
@@ -237,101 +396,73 @@ def run_krylov(
         max_steps: the most rows of T per run (≤ n).
         on_breakdown: "stop" (freeze that run: its T is complete) or "restart" (continue
             with a fresh orthogonal vector and a zero off-diagonal; "full" only).
-        stop: called every ``check_every`` steps; True ends the run early.
+        stop: called every ``check_every`` steps, before the step: True (or "stop") ends
+            the run, "restart" ends run 0's chain and starts another (:func:`force_restart`).
         initial_capacity: rows allocated up front (grown by doubling up to max_steps).
         checkpoint, checkpoint_every, config: see the module docstring; ``config`` holds
             the caller's arguments that determine the result (for the fingerprint).
         reorthogonalize: "full" or "local" (see the module docstring).
     """
     b, n = starts.shape
-    require(on_breakdown in ("stop", "restart"), f"on_breakdown must be 'stop' or 'restart', got {on_breakdown!r}")
-    require(reorthogonalize in ("full", "local"),
-            f"reorthogonalize must be 'full' or 'local', got {reorthogonalize!r}")
+    _check_options(on_breakdown, reorthogonalize, checkpoint_every, check_every)
     local = reorthogonalize == "local"
-    require(not (local and on_breakdown == "restart"), "on_breakdown='restart' needs reorthogonalize='full'")
     coeff_cap = max_steps if local else min(max_steps, initial_capacity or max_steps)
     rows_cap = 3 if local else coeff_cap
     check_basis_memory(b, rows_cap, n, basis_dtype, basis_device)
-    fingerprint = _fingerprint({**(config or {}), "n": n, "b": b, "max_steps": max_steps,
-                                "basis_dtype": str(basis_dtype), "op_dtype": str(op.dtype),
-                                **({"reorthogonalize": reorthogonalize} if local else {})})
-    path = Path(checkpoint) if checkpoint is not None else None
-    state = _load(path, fingerprint, rows_cap, coeff_cap, basis_device, local) if path is not None else None
-    if state is None:
-        generator_state = generator.get_state()
-        Q = torch.empty(b, rows_cap, n, dtype=basis_dtype, device=basis_device)  # rows > j + 1 are never read
-        v0 = starts.to(device=basis_device, dtype=torch.float64)
-        norms = v0.norm(dim=1, keepdim=True)
-        require(bool((norms > 0).all()), "start vectors must be nonzero")
-        Q[:, 0] = (v0 / norms).to(basis_dtype)
-        state = KrylovState(
-            Q,
-            torch.zeros(b, coeff_cap, dtype=torch.float64, device=basis_device),
-            torch.zeros(b, coeff_cap, dtype=torch.float64, device=basis_device),
-            torch.zeros(b, dtype=torch.long, device=basis_device),
-            generator_state=generator_state,
-            local=local,
-        )
-    else:
-        generator.set_state(state.generator_state)
+    ckpt = None
+    if checkpoint is not None:
+        ckpt = Checkpoint(checkpoint, fingerprint({**(config or {}), "n": n, "b": b, "max_steps": max_steps,
+                                                   "basis_dtype": str(basis_dtype), "op_dtype": str(op.dtype),
+                                                   **({"reorthogonalize": reorthogonalize} if local else {})}),
+                          operator_signature(op))
+    q0 = _unit_starts(starts, basis_dtype, basis_device)
+    state = _resume_or_start(op, q0, ckpt, rows_cap, coeff_cap, generator, local)
+    if not state.finished:
+        _iterate(op, state, ckpt, max_steps, on_breakdown=on_breakdown, generator=generator, tol=breakdown_tol,
+                 stop=stop, check_every=check_every, progress=progress, desc=desc, checkpoint_every=checkpoint_every)
+    return state
 
+
+def _iterate(op: LinearOperator, state: KrylovState, ckpt: Checkpoint | None, max_steps: int, *, on_breakdown: str,
+             generator: torch.Generator, tol: float, stop, check_every: int, progress: bool | None, desc: str,
+             checkpoint_every: int) -> None:
+    """The step loop of :func:`run_krylov`, checkpointing as it goes and when interrupted."""
     from tqdm.auto import tqdm
 
+    b, _, n = state.Q.shape
     bar = tqdm(total=max_steps, initial=state.j, desc=desc, unit="step", disable=not progress_enabled(progress),
                leave=False)
     active = state.steps == state.j  # runs that have not stopped
-    W = torch.empty(b, n, dtype=basis_dtype, device=basis_device)  # A q_j, then the residual: one buffer for all steps
-    beta_prev = state.betas[:, state.j - 1].clone() if state.j > 0 else torch.zeros(b, dtype=torch.float64, device=basis_device)
+    W = torch.empty(b, n, dtype=state.Q.dtype, device=state.Q.device)  # A q_j, then the residual
     try:
         while state.j < max_steps and bool(active.any()):
-            # The stop check runs at the top of a step so that a resumed run (even one
-            # resumed after it had finished) sees the same checks as an uninterrupted one.
-            if stop is not None and state.j > 0 and state.j % check_every == 0 and stop(state):
-                break
-            j = state.j
-            if not local and j + 1 >= state.Q.shape[1] and state.Q.shape[1] < max_steps:
-                _grow(state, min(max_steps, 2 * state.Q.shape[1]))
-            r = state.row(j)
-            all_active = bool(active.all())
-            idx = active.nonzero().flatten()
-            V = state.Q[:, r] if all_active else state.Q[idx, r]
-            AV = op.matmat(V.T.to(device=op.device, dtype=op.dtype))  # (n, |active|)
-            if all_active:  # copied into W: AV may be the operator's own (or V's) storage
-                W.copy_(AV.T)
-            else:
-                W.zero_()
-                W[idx] = AV.T.to(device=basis_device, dtype=basis_dtype)
-            alpha, beta, broke = _ops.lanczos_step_(state.Q, W, beta_prev, r, breakdown_tol)
-            # A NaN/Inf entry of A q_j makes alpha or beta non-finite: one check of 2b scalars.
-            if not bool(((torch.isfinite(alpha) & torch.isfinite(beta)) | ~active).all()):
-                raise HesslabError(f"the operator returned NaN or Inf at step {j}: check the model, loss and data")
-            state.alphas[:, j] = torch.where(active, alpha, state.alphas[:, j])
-            state.betas[:, j] = torch.where(active, beta, state.betas[:, j])
-            state.steps += active.long()
-            broke &= active
-            if bool(broke.any()) and j + 1 < max_steps:
-                for i in broke.nonzero().flatten().tolist():
-                    if on_breakdown == "restart" and _fresh_orthogonal(state, i, generator):
-                        state.betas[i, j] = 0.0
-                        state.restarts += 1
-                    else:
-                        active[i] = False
-            beta_prev = state.betas[:, j].clone()
-            with _interrupts_deferred():  # a checkpoint must never see half of this commit
-                state.generator_state = generator.get_state()  # as of the last completed step
-                if local and r == 1:  # slide the window: q_j, q_{j+1} become rows 0, 1
-                    state.Q[:, 0].copy_(state.Q[:, 1])
-                    state.Q[:, 1].copy_(state.Q[:, 2])
-                state.j = j + 1
+            # The stop check runs at the top of a step so that a resumed run sees the same
+            # checks as an uninterrupted one.
+            if stop is not None and state.j > 0 and state.j % check_every == 0:
+                decision = stop(state)
+                if decision is True or decision == "stop":
+                    break
+                if decision == "restart":
+                    force_restart(state, generator)
+            r = state.row(state.j)
+            row_limit = min(n, max_steps + 1)  # the next vector of the last step included
+            if not state.local and r + 1 >= state.Q.shape[1] and state.Q.shape[1] < row_limit:
+                _grow(state, rows=min(row_limit, max(2 * state.Q.shape[1], r + 2)))
+            if state.j + 1 >= state.alphas.shape[1]:
+                _grow(state, coeffs=min(max_steps, 2 * state.alphas.shape[1]))
+            _product(op, state, W, active)
+            broke = _step(state, W, active, tol)
+            _after_breakdown(state, broke, active, on_breakdown, generator, max_steps)
+            _commit(state, generator)
             bar.update(1)
-            if path is not None and state.j % checkpoint_every == 0:
-                _save(path, state, fingerprint)
+            if ckpt is not None and state.j % checkpoint_every == 0:
+                ckpt.write(_payload(state))
     except BaseException:
-        if path is not None:  # keep every completed step
-            _save(path, state, fingerprint)
+        if ckpt is not None:  # keep every completed step
+            ckpt.write(_payload(state))
         raise
     finally:
         bar.close()
-    if path is not None:
-        _save(path, state, fingerprint)
-    return state
+    state.finished = True
+    if ckpt is not None:
+        ckpt.write(_payload(state))

@@ -6,14 +6,15 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.linalg
 import torch
 from torch import Tensor
 
 from .._results import Result
 from ..errors import HesslabError, require
 from ..linops import LinearOperator
+from ._checks import check_basis_dtype, check_int, check_real, is_int
 from ._krylov import KrylovState, breakdown_tol, run_krylov
+from ._ritz import assess, ritz_pairs, select
 
 WHICH = ("LA", "SA", "LM")
 
@@ -28,7 +29,9 @@ class EigenResult(Result):
         eigenvectors: (n, k) float64, orthonormal columns (Ritz vectors), or None.
         residuals: (k,) ‖A v − λ v‖ measured with one extra product per vector (NaN when
             not measured).
-        converged: (k,) bool, residual estimate ≤ tol · ‖T‖.
+        converged: (k,) bool: the run certified the wanted set (no copy or larger value
+            missed, see :func:`lanczos`) and this pair's residual ≤ tol · ‖T‖ (the measured
+            residual when computed, else the recurrence's).
         num_matvecs: operator products used (columns), the residual check included.
         num_steps: Lanczos steps taken.
         which: "LA", "SA", "LM" or "all".
@@ -49,25 +52,42 @@ class EigenResult(Result):
         return int(np.asarray(self.converged).sum())
 
 
-def select(theta: np.ndarray, k: int, which: str) -> np.ndarray:
-    """Indices of the k wanted values of ``theta`` (ascending input), in reporting order."""
-    if which == "LA":
-        return np.argsort(-theta, kind="stable")[:k]
-    if which == "SA":
-        return np.argsort(theta, kind="stable")[:k]
-    return np.argsort(-np.abs(theta), kind="stable")[:k]
+def default_tol(dtype: torch.dtype) -> float:
+    """The relative residual tolerance an operator of this dtype can deliver: 1e-8 for
+    float64 products, 1e-6 for float32 (whose products are accurate to about 1e-7), and
+    10·√eps for other dtypes."""
+    if dtype == torch.float64:
+        return 1e-8
+    if dtype == torch.float32:
+        return 1e-6
+    return 10 * float(torch.finfo(dtype).eps) ** 0.5
 
 
-def _ritz(state: KrylovState) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Ritz values (ascending), T's eigenvectors, and the residual estimates |β_m s_{m,i}|."""
-    d, e = state.tridiagonal(0)
-    m = d.shape[0]
-    if m == 1:
-        theta, S = d.numpy().copy(), np.ones((1, 1))
-    else:
-        theta, S = scipy.linalg.eigh_tridiagonal(d.numpy(), e.numpy())
-    beta_m = float(state.betas[0, m - 1])
-    return theta, S, np.abs(beta_m * S[-1, :])
+def _check_arguments(op: LinearOperator, k, which: str, tol, max_steps, check_every, seed, basis_dtype) -> None:
+    n = op.shape[0]
+    require(which in WHICH, f"which must be one of {WHICH}, got {which!r}")
+    check_int("k", k, 1, n - 1, hint=f" (n = {n}; for all eigenvalues use hl.eigh_exact)")
+    if max_steps is not None:
+        check_int("max_steps", max_steps, k, n, hint=f" (k = {k}, n = {n})")
+    check_real("tol", tol, 0.0, 1.0, hint=" (relative residual tolerance)")
+    if check_every is not None:
+        check_int("check_every", check_every, 1)
+    require(is_int(seed), f"seed must be an integer, got {seed!r}")
+    check_basis_dtype(basis_dtype)
+
+
+def _start_vector(n: int, v0, gen: torch.Generator) -> Tensor:
+    """(1, n) float64: a seeded Gaussian, or the warm start plus a 1e-3 random perturbation."""
+    start = torch.randn(1, n, generator=gen, dtype=torch.float64)
+    if v0 is None:
+        return start
+    v = torch.as_tensor(v0).detach().to("cpu", torch.float64)
+    v = v[:, None] if v.dim() == 1 else v
+    require(v.dim() == 2 and v.shape[0] == n, f"v0 must have shape (n,) or (n, j) with n = {n}, got {tuple(v.shape)}")
+    require(bool(torch.isfinite(v).all()), "v0 must be finite")
+    warm = v.sum(1)
+    require(bool(warm.norm() > 0), "v0 must not sum to zero")
+    return warm[None] / warm.norm() + 1e-3 * start / start.norm()
 
 
 def lanczos(
@@ -75,7 +95,7 @@ def lanczos(
     k: int = 10,
     which: str = "LA",
     *,
-    tol: float = 1e-8,
+    tol: float | None = None,
     max_steps: int | None = None,
     v0: Tensor | None = None,
     seed: int = 0,
@@ -87,96 +107,108 @@ def lanczos(
     progress: bool | None = None,
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 10,
+    verify: bool = True,
 ) -> EigenResult:
     """The k extreme eigenpairs of a symmetric operator.
 
     Lanczos with full reorthogonalization (CGS2, float64 inner products) through the
     compiled ``lanczos_step_``. The Krylov space grows until every wanted Ritz pair has a
-    residual estimate |β_m s_{m,i}| ≤ tol · ‖T_m‖₂ (checked every ``check_every`` steps) or
-    ``max_steps`` is reached; a breakdown (an invariant subspace) continues with a fresh
-    orthogonal vector, so eigenvalues of any multiplicity are found. With full
+    residual ‖Av − θv‖ ≤ tol · ‖T‖₂ (from the recurrence, checked every ``check_every``
+    steps) *and* the wanted set is certified complete: a breakdown (an invariant subspace)
+    continues with a fresh random vector orthogonal to the basis, and once the wanted
+    pairs have converged the run starts such a chain itself and runs it until its extreme
+    pair converges; the run ends when the newest chain found nothing beyond the k-th
+    wanted value. So an eigenvalue of any multiplicity is found as many times as k asks,
+    for "LA", "SA" and "LM" alike (see :mod:`hesslab.solvers._ritz`). With full
     reorthogonalization no restart is needed for convergence: the cost is memory, k to a
     few thousand rows of n, checked before the run starts.
+
+    A pair is flagged converged only when the run was certified and its residual meets
+    the tolerance: the residual measured with one block product of the k Ritz vectors
+    (``compute_residuals``), else the one from the recurrence.
 
     Args:
         op: symmetric (n, n) operator, e.g. ``hl.Hessian``.
         k: number of eigenpairs, 1 ≤ k < n (use :func:`eigh_exact` for all of them).
         which: "LA" largest algebraic, "SA" smallest algebraic, "LM" largest magnitude.
-        tol: relative residual tolerance; eigenvalues are then accurate to about
-            tol² · ‖A‖² / gap.
+        tol: relative residual tolerance, 0 < tol < 1; eigenvalues are then accurate to
+            about tol² · ‖A‖² / gap. Default: what the operator's dtype can deliver
+            (:func:`default_tol`: 1e-8 for float64, 1e-6 for float32).
         max_steps: Krylov dimension limit; default min(n, max(300, 40 k)).
         v0: warm start, (n,) or (n, j) (e.g. the previous eigenvectors when tracking
             training): the start vector is their sum plus a 1e-3 random perturbation.
         seed: seed of the random start and restart vectors.
         return_eigenvectors: compute the (n, k) Ritz vectors.
-        compute_residuals: measure ‖A v − λ v‖ with k extra products (one data pass).
+        compute_residuals: measure ‖A v − λ v‖ with k extra products (one block product).
         basis_dtype: storage of the Krylov basis; default the operator's dtype. float32
             halves the memory; inner products still accumulate in float64.
         basis_device: where the basis lives (default the operator's device).
         check_every: steps between convergence checks (each costs an O(m²) tridiagonal
-            eigensolve); default max(5, k // 10).
+            eigensolve, nothing next to a product); default 1.
         progress: progress bar; None shows it when stderr is a terminal.
         checkpoint: file to save the run's state to and resume from after an interruption.
         checkpoint_every: steps between checkpoint writes (an interruption always writes).
+        verify: run the verification chains that certify the wanted set (the default).
+            False saves their products (about a third more on small Hessians) but then
+            a converged flag only says that the pair's residual meets the tolerance and
+            that no breakdown revealed a copy it misses: a copy of a multiple eigenvalue
+            that the first Krylov space never separated can be missing.
 
     Returns:
         EigenResult.
 
     Raises:
-        HesslabError: bad k, which or max_steps, or a basis that does not fit in memory.
+        HesslabError: bad k, which, tol, max_steps, check_every, v0 or checkpoint, or a
+            basis that does not fit in memory.
     """
+    tol = default_tol(op.dtype) if tol is None else tol
+    _check_arguments(op, k, which, tol, max_steps, check_every, seed, basis_dtype)
     n = op.shape[0]
-    require(which in WHICH, f"which must be one of {WHICH}, got {which!r}")
-    require(isinstance(k, (int, np.integer)) and 1 <= k < n,
-            f"k must satisfy 1 <= k < n = {n}, got {k!r}; for all eigenvalues use hl.eigh_exact")
-    if max_steps is None:
-        max_steps = min(n, max(300, 40 * k))
-    require(k <= max_steps <= n, f"max_steps must satisfy k = {k} <= max_steps <= n = {n}, got {max_steps}")
+    max_steps = min(n, max(300, 40 * k)) if max_steps is None else max_steps
     basis_dtype = basis_dtype or op.dtype
     basis_device = torch.device(basis_device) if basis_device is not None else op.device
-    check_every = check_every or max(5, k // 10)
+    check_every = check_every or 1
     gen = torch.Generator().manual_seed(seed)
-    start = torch.randn(1, n, generator=gen, dtype=torch.float64)
-    if v0 is not None:
-        v = torch.as_tensor(v0).detach().to("cpu", torch.float64)
-        v = v[:, None] if v.dim() == 1 else v
-        require(v.dim() == 2 and v.shape[0] == n, f"v0 must have shape (n,) or (n, j) with n = {n}, got {tuple(v.shape)}")
-        warm = v.sum(1)
-        require(bool(warm.norm() > 0), "v0 must not sum to zero")
-        start = warm[None] / warm.norm() + 1e-3 * start / start.norm()
+    start = _start_vector(n, v0, gen)
 
-    def converged(state: KrylovState) -> bool:
-        if state.j < k:
-            return False
-        theta, _, est = _ritz(state)
-        sel = select(theta, k, which)
-        return bool(np.all(est[sel] <= tol * max(np.abs(theta).max(), 1e-300)))
+    def decide(state: KrylovState) -> str:
+        room = min(n, max_steps) - state.j
+        return assess(state, k, which, tol, room, verify)
 
     state = run_krylov(
         op, start, max_steps, basis_dtype=basis_dtype, basis_device=basis_device, on_breakdown="restart",
-        generator=gen, breakdown_tol=breakdown_tol(basis_dtype), stop=converged, check_every=check_every,
-        initial_capacity=max(2 * k + 20, 64), progress=progress, desc=f"lanczos k={k} {which}", checkpoint=checkpoint, checkpoint_every=checkpoint_every,
-        config={"solver": "lanczos", "k": k, "which": which, "tol": tol, "seed": seed,
+        generator=gen, breakdown_tol=breakdown_tol(basis_dtype), stop=decide, check_every=check_every,
+        initial_capacity=max(2 * k + 20, 64), progress=progress, desc=f"lanczos k={k} {which}", checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every,
+        config={"solver": "lanczos", "k": k, "which": which, "tol": tol, "seed": seed, "verify": bool(verify),
                 "v0": None if v0 is None else float(start.sum())},
     )
-    theta, S, est = _ritz(state)
-    sel = select(theta, k, which)
-    scale = max(np.abs(theta).max(), 1e-300)
+    return _result(op, state, k, which, tol, decide(state) == "stop", return_eigenvectors, compute_residuals)
+
+
+def _result(op: LinearOperator, state: KrylovState, k: int, which: str, tol: float, certified: bool,
+            return_eigenvectors: bool, compute_residuals: bool) -> EigenResult:
+    """The k wanted pairs of a finished run, with residuals and honest converged flags."""
+    pairs = ritz_pairs(state)
+    theta, sel = pairs.theta, select(pairs.theta, k, which)
+    thr = tol * max(float(np.abs(theta).max()), 1e-300)
     m = int(state.steps[0])
-    vectors = residuals = None
+    vectors = None
     residuals = torch.full((k,), float("nan"), dtype=torch.float64)
+    converged = pairs.est[sel] <= thr
     if return_eigenvectors or compute_residuals:
-        vectors = ritz_vectors(state.Q[0, :m], torch.from_numpy(S[:, sel]))  # (n, k)
-        if compute_residuals:
+        S = torch.from_numpy(pairs.S[:, sel])
+        vectors = ritz_vectors(state.Q[0, : S.shape[0]], S)  # (n, k)
+        if compute_residuals:  # one block product of all k Ritz vectors
             AV = op.matmat(vectors.to(device=op.device, dtype=op.dtype)).double().cpu()
             residuals = (AV - vectors * torch.from_numpy(theta[sel])).norm(dim=0)
-    num_matvecs = m + (k if compute_residuals else 0)
+            converged = residuals.numpy() <= thr
     return EigenResult(
         eigenvalues=torch.from_numpy(theta[sel].copy()),
         eigenvectors=vectors if return_eigenvectors else None,
         residuals=residuals,
-        converged=torch.from_numpy(est[sel] <= tol * scale),
-        num_matvecs=num_matvecs,
+        converged=torch.from_numpy(converged & certified),
+        num_matvecs=m + (k if compute_residuals else 0),
         num_steps=m,
         which=which,
         restarts=state.restarts,

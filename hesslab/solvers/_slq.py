@@ -21,6 +21,7 @@ from .._plotting import axes
 from .._results import Result
 from ..errors import require
 from ..linops import LinearOperator
+from ._checks import check_basis_dtype, check_grid, check_int, check_real, is_int
 from ._krylov import breakdown_tol, run_krylov
 
 
@@ -107,6 +108,10 @@ def smooth_density(
     Returns:
         grid, density, the kernel variance used.
     """
+    check_real("sigma2", sigma2, hint=" (the kernel variance before scaling by the spectrum width)")
+    check_int("grid_size", grid_size, 2)
+    check_real("grid_expand", grid_expand, low_open=False)
+    grid = check_grid(grid)
     counts = np.full(len(nodes), nodes.shape[1]) if counts is None else np.asarray(counts)
     valid = np.arange(nodes.shape[1])[None, :] < counts[:, None]
     lo = np.mean([x[v].min() for x, v in zip(nodes, valid)]) - grid_expand
@@ -180,9 +185,13 @@ def spectral_density(
     if preset is not None:
         require(preset == "ghorbani", f"preset must be None or 'ghorbani', got {preset!r}")
         sigma2, grid_size, basis_dtype = 1e-5, 10000, torch.float64
-    require(isinstance(num_steps, (int, np.integer)) and 1 <= num_steps <= n,
-            f"num_steps must satisfy 1 <= num_steps <= n = {n}, got {num_steps!r}")
-    require(isinstance(num_probes, (int, np.integer)) and num_probes >= 1, f"num_probes must be >= 1, got {num_probes!r}")
+    check_int("num_steps", num_steps, 1, n, hint=f" (n = {n})")
+    check_int("num_probes", num_probes, 1)
+    require(is_int(seed), f"seed must be an integer, got {seed!r}")
+    check_real("sigma2", sigma2, hint=" (the kernel variance before scaling by the spectrum width)")
+    check_int("grid_size", grid_size, 2)
+    grid = check_grid(grid)
+    check_basis_dtype(basis_dtype)
     basis_dtype = basis_dtype or op.dtype
     basis_device = torch.device(basis_device) if basis_device is not None else op.device
     gen = torch.Generator().manual_seed(seed)

@@ -11,6 +11,7 @@ from torch import Tensor
 from .._results import Result
 from ..errors import require
 from ..linops import LinearOperator
+from ._checks import check_int, is_int
 from ._krylov import progress_enabled
 
 METHODS = ("hutchinson", "hutch++")
@@ -85,9 +86,9 @@ def trace(
     """
     require(method in METHODS, f"method must be one of {METHODS}, got {method!r}")
     minimum = 2 if method == "hutchinson" else 3
-    require(isinstance(num_matvecs, int) and num_matvecs >= minimum,
-            f"num_matvecs must be an integer >= {minimum} for {method}, got {num_matvecs!r}")
-    require(batch_size >= 1, f"batch_size must be >= 1, got {batch_size}")
+    check_int("num_matvecs", num_matvecs, minimum, hint=f" for {method}")
+    check_int("batch_size", batch_size, 1, hint=" (columns per product call)")
+    require(is_int(seed), f"seed must be an integer, got {seed!r}")
     from tqdm.auto import tqdm
 
     n = op.shape[0]
