@@ -14,7 +14,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hesslab.errors import HesslabError
 from hesslab.linops._curvature import CurvatureOperator, _State
 from hesslab.linops._fdcheck import ggn_difference, hessian_difference
 
@@ -114,11 +113,7 @@ class GGN(CurvatureOperator):
         return torch.func.vmap(vjp_fn)(HJV)[0]
 
     def _check_output(self, out: Any) -> Tensor:
-        if not isinstance(out, Tensor):
-            raise HesslabError(
-                f"model: the GGN needs a model returning one tensor, got {type(out).__name__}"
-            )
-        return out
+        return self._md.logits(out)  # one tensor, or a causal LM's logits
 
     def _build_state(self, selected, others, inputs, targets):
         leaves = self._leaves(selected)
