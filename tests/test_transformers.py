@@ -154,3 +154,25 @@ def test_bad_transformers_style_input_is_named():
     del batch["labels"]
     with pytest.raises(HesslabError, match=r"data: batch 0 is a dict without a 'labels'"):
         Hessian(tiny_gpt2(), None, [batch])
+
+
+# ------------------------------------------------------------------ item 5: closed-form CE curvature
+def test_gpt2_ggn_closed_form_equals_double_backward():
+    model = tiny_gpt2()
+    batches = [token_batch(2, 5, ignore=2, seed=4), token_batch(1, 7, seed=5)]
+    G = GGN(model, None, batches)
+    V = torch.randn(G.shape[0], 2, dtype=torch.float64)
+    ref = GGN(model, None, batches, output_curvature="autograd") @ V
+    assert_close(G @ V, ref)
+    assert_close(GGN(model, None, batches, method="func") @ V, ref)
+
+    class Logits(nn.Module):  # the wrapper hesslab makes unnecessary
+        def __init__(self) -> None:
+            super().__init__()
+            self.m = model
+
+        def forward(self, **kw: Tensor) -> Tensor:
+            return self.m(**kw).logits
+
+    pair = GGN(Logits(), lm_loss, ({"input_ids": batches[0]["input_ids"]}, batches[0]["labels"]))
+    assert_close(GGN(model, None, batches[0], output_curvature="analytic") @ V, pair @ V)

@@ -195,6 +195,10 @@ class LossHead:
             )
 
     # ------------------------------------------------------------- curvature
+    def recognises_cross_entropy(self) -> bool:
+        """True when the loss is a cross-entropy with a closed-form curvature (see below)."""
+        return self.kind == "causal_lm" or (self.kind == "fn" and _plain_cross_entropy(self.loss_fn))
+
     def cross_entropy(self, z: Tensor, targets: Tensor) -> tuple[Tensor, Tensor] | None:
         """``(p, w)`` for the closed-form cross-entropy curvature, or None if not CE.
 
@@ -222,8 +226,9 @@ class LossHead:
 def apply_cross_entropy(pw: tuple[Tensor, Tensor], U: Tensor) -> Tensor:
     """w (p∘u − p (pᵀu)) for every column u of ``U`` (b, *z); shape (b, *z)."""
     p, w = pw
-    pu = p * U
-    return (pu - p * pu.sum(-1, keepdim=True)) * w[..., None]
+    out = p * U  # one (b, *z) buffer, updated in place
+    out.addcmul_(p, out.sum(-1, keepdim=True), value=-1.0)
+    return out.mul_(w[..., None])
 
 
 def _plain_cross_entropy(fn: Any) -> bool:
