@@ -176,3 +176,68 @@ def test_gpt2_ggn_closed_form_equals_double_backward():
 
     pair = GGN(Logits(), lm_loss, ({"input_ids": batches[0]["input_ids"]}, batches[0]["labels"]))
     assert_close(GGN(model, None, batches[0], output_curvature="analytic") @ V, pair @ V)
+
+
+# ------------------------------------------------------------------ item 3: KFAC
+def _layer_output_hessian(model, batch, layer: nn.Module) -> tuple[Tensor, Tensor]:
+    """Hand-built: the layer's inputs x (B, T, in) and ∇²_δ Σ_tokens ℓ for δ added to its output."""
+    ids, labels = batch["input_ids"], batch["labels"]
+    seen = {}
+
+    def record(m, a, o):
+        seen["x"] = a[0].detach()
+
+    h = layer.register_forward_hook(record)
+    with torch.no_grad():
+        out_shape = model(input_ids=ids).logits.shape
+    h.remove()
+    tokens = int((labels[:, 1:] != -100).sum())
+    z_shape = (*seen["x"].shape[:-1], layer.nf)
+
+    def loss_sum(delta: Tensor) -> Tensor:
+        hook = layer.register_forward_hook(lambda m, a, o: o + delta)
+        try:
+            return lm_loss(model(input_ids=ids).logits, labels) * tokens
+        finally:
+            hook.remove()
+
+    assert out_shape[:2] == labels.shape
+    return seen["x"], torch.func.hessian(loss_sum)(torch.zeros(z_shape, dtype=torch.float64)), tokens
+
+
+def test_kfac_gpt2_covers_every_conv1d_and_matches_hand_built_factors():
+    import warnings
+
+    from hesslab.linops import KFAC
+
+    model = tiny_gpt2()
+    batch = token_batch(2, 5, ignore=2, seed=6)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        K = KFAC(model, None, batch)
+    conv1d = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
+    assert K.layer_names == conv1d
+    assert "tied" in K.skipped["lm_head"] and "transformer.wte.weight" in K.skipped["lm_head"]
+    assert {"transformer.wte", "transformer.h.0.ln_1"} <= set(K.skipped)
+    assert any("lm_head" in str(w.message) and "tied" in str(w.message) for w in caught)
+    with pytest.raises(HesslabError, match=r"'lm_head.weight' is tied to 'transformer.wte.weight'"):
+        Hessian(model, None, batch, params="lm_head.weight")
+
+    name = "transformer.h.0.mlp.c_fc"
+    layer = dict(model.named_modules())[name]
+    x, Hd, tokens = _layer_output_hessian(model, batch, layer)  # Hd (B, T, o, B, T, o)
+    Bsz, T, o = Hd.shape[:3]
+    B_ref = sum(Hd[j, t, :, j, t, :] for j in range(Bsz) for t in range(T)) / tokens
+    xt = torch.cat([x, torch.ones(*x.shape[:-1], 1, dtype=x.dtype)], -1).reshape(-1, x.shape[-1] + 1)
+    A_ref = xt.T @ xt / (Bsz * T)
+    A, B = K.factors[name]
+    assert_close(A, A_ref)
+    assert_close(B, B_ref, rtol=1e-7)
+    # the layout: Conv1D stores (in, out); K acts on the model's own vectors
+    sl = K.layer_slice(name)
+    i, _ = layer.weight.shape
+    v = torch.zeros(K.shape[0], dtype=torch.float64)
+    v[sl] = torch.randn(sl.stop - sl.start, dtype=torch.float64)
+    Vw, Vb = v[sl][: i * o].reshape(i, o), v[sl][i * o:]
+    R = B_ref @ torch.cat([Vw.T, Vb[:, None]], 1) @ A_ref
+    assert_close((K @ v)[sl], torch.cat([R[:, :i].T.reshape(-1), R[:, i]]), rtol=1e-7)

@@ -166,7 +166,7 @@ class KFACComputer:
         finally:
             for h in handles:
                 h.remove()
-        check_output(self.loss, self.md.loss_fn, out, targets, first=True)
+        out = check_output(self.loss, self.md.loss_fn, self._logits(out), targets, first=True)
         self.md.check_differentiable(out, targets)
         kept = []
         for lay in self.layers:
@@ -200,13 +200,13 @@ class KFACComputer:
         dtype, device = self.md.dtype, self.md.device
         A = [torch.zeros(lay.in_aug, lay.in_aug, dtype=dtype, device=device) for lay in self.layers]
         B = [torch.zeros(lay.out_dim, lay.out_dim, dtype=dtype, device=device) for lay in self.layers]
-        count = 0
+        count = weight = 0  # samples (A's normaliser), loss terms (B's: tokens for a causal LM)
         flagged: set[str] | None = None if self.curvature == "exact" else set()
         self.ggn_fallback = {}
         tensors = self.md.tensors()
         for _, inputs, targets, size in self.md.batches():
             sums, n, flagged = self._batch_terms(inputs, targets, tensors, flagged, per_sample=False)
-            if n != size:
+            if n != size and self.loss.kind != "causal_lm":
                 raise HesslabError(
                     f"data: a batch has {size} targets but the model saw {n} samples; the first "
                     "dimensions of inputs, outputs and targets must be the batch"
@@ -215,12 +215,13 @@ class KFACComputer:
                 A[l] += a
                 B[l] += b
             count += n
+            weight += size
         for t in A + B:
             all_reduce_sum_(t)
-        count = global_count(count)
-        self.md.num_data = count
+        count, weight = global_count(count), global_count(weight)
+        self.md.num_data = weight
         A = [(a + a.T) / (2 * count) for a in A]
-        B = [(b + b.T) / (2 * count) for b in B]
+        B = [(b + b.T) / (2 * weight) for b in B]
         exact = [lay.name for lay in self.layers if flagged and lay.name in flagged]
         self._warn_fallback()
         bad = [lay.name for lay, a, b in zip(self.layers, A, B)
@@ -230,7 +231,7 @@ class KFACComputer:
                 f"model: the Kronecker factors of {', '.join(map(repr, bad))} hold NaN or Inf; check "
                 "the data and parameters for NaN/Inf, or build in float64 (dtype=torch.float64)"
             )
-        return FactorResult(A, B, count, exact, dict(self.ggn_fallback))
+        return FactorResult(A, B, weight, exact, dict(self.ggn_fallback))
 
     def _warn_fallback(self) -> None:
         if not self.ggn_fallback:
@@ -317,13 +318,22 @@ class KFACComputer:
         finally:
             for h in handles:
                 h.remove()
-        out = check_output(self.loss, self.md.loss_fn, out, targets)
+        out = check_output(self.loss, self.md.loss_fn, self._logits(out), targets)
         missing = [lay.name for lay in self.layers if lay.name not in deltas]
         if missing:
             raise HesslabError(
                 f"model: layer(s) {missing} were not called on this batch; KFAC needs a fixed forward graph"
             )
         return _Forward(out, [xs[lay.name] for lay in self.layers], [deltas[lay.name] for lay in self.layers])
+
+    def _logits(self, out: Any) -> Any:
+        """The tensor the loss is a function of (a causal LM's logits), else the output."""
+        return self.md.logits(out) if self.loss.kind == "causal_lm" else out
+
+    def _loss_sum(self, out: Tensor, targets: Tensor) -> Tensor:
+        """Σ of the batch's loss terms: the mean times n samples, or times its tokens."""
+        weight = self.md.head.count(None, targets) if self.loss.kind == "causal_lm" else None
+        return self.md.loss(out, targets) * (out.shape[0] if weight is None else weight)
 
     def _input_rows(self, l: int, x: Tensor) -> Tensor:
         """The (augmented, for "reduce" averaged) input rows of layer l; (n, P or 1, in+1)."""
@@ -360,7 +370,7 @@ class KFACComputer:
     def _first_derivatives(self, fw: _Forward, targets: Tensor, deciding: bool) -> tuple[Tensor | None, ...]:
         """∂(Σ_j ℓ_j)/∂δ_l for every layer, with the graph kept for second derivatives."""
         n = fw.out.shape[0]
-        loss_sum = self.md.loss(fw.out, targets) * n  # Σ_j ℓ_j
+        loss_sum = self._loss_sum(fw.out, targets)  # Σ_j ℓ_j
         try:
             return torch.autograd.grad(loss_sum, fw.deltas, create_graph=True, allow_unused=True)
         except RuntimeError as err:

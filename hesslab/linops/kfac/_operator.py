@@ -116,7 +116,7 @@ class KFAC(LinearOperator):
         self.kfac_approx = kfac_approx
         self.progress = md.progress
         self._md = md
-        loss = resolve_loss(loss_fn, loss_type)
+        loss = resolve_loss(loss_fn, loss_type, md.head.kind)
         candidates, warn = resolve_layers(model, layers)
         md.check_parameters(
             [p for lay in candidates for p in lay.module.parameters(recurse=False)], what="model"
@@ -148,7 +148,9 @@ class KFAC(LinearOperator):
         for lay in layers:
             lay.offset = offset
             lay.numel = sum(numel[p] for p in lay.param_names)
-            perms.append(layer_perm(lay.out_dim, lay.in_dim, lay.bias).to(self._md.device) + offset)
+            perms.append(
+                layer_perm(lay.out_dim, lay.in_dim, lay.bias, lay.transposed).to(self._md.device) + offset
+            )
             offset += lay.numel
         self._computer.layers = layers
         self._layers = layers
