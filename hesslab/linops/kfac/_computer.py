@@ -21,7 +21,9 @@ The batch loop, casting, modes and collectives are the
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 import warnings
 from typing import Any, NamedTuple
 
@@ -31,10 +33,13 @@ from torch import Tensor
 from hesslab.errors import HesslabError
 from hesslab.linops._model import ModelData, all_reduce_sum_, global_count
 from hesslab.linops.kfac import _math
+from hesslab.linops.kfac._exact import ExactM
 from hesslab.linops.kfac._layers import KronLayer, display
 from hesslab.linops.kfac._loss import LossSpec, check_output
 
 __all__ = ["FactorResult", "KFACComputer", "KronFactors", "SampleTerms"]
+
+_log = logging.getLogger("hesslab.linops")
 
 
 class KronFactors(NamedTuple):
@@ -136,6 +141,7 @@ class KFACComputer:
         self.curvature = curvature
         self.reduce = kfac_approx == "reduce"
         self.ggn_fallback: dict[str, str] = {}
+        self._exact = ExactM()
 
     # ------------------------------------------------------------------ probing
     def probe(self, warn: dict[str, str]) -> dict[str, str]:
@@ -204,8 +210,11 @@ class KFACComputer:
         flagged: set[str] | None = None if self.curvature == "exact" else set()
         self.ggn_fallback = {}
         tensors = self.md.tensors()
-        for _, inputs, targets, size in self.md.batches():
+        start = time.perf_counter()
+        for b, (_, inputs, targets, size) in enumerate(self.md.batches()):
             sums, n, flagged = self._batch_terms(inputs, targets, tensors, flagged, per_sample=False)
+            if b == 0 and flagged:
+                self._estimate(time.perf_counter() - start, flagged)
             if n != size and self.loss.kind != "causal_lm":
                 raise HesslabError(
                     f"data: a batch has {size} targets but the model saw {n} samples; the first "
@@ -232,6 +241,16 @@ class KFACComputer:
                 "the data and parameters for NaN/Inf, or build in float64 (dtype=torch.float64)"
             )
         return FactorResult(A, B, weight, exact, dict(self.ggn_fallback))
+
+    def _estimate(self, first: float, flagged: set[str]) -> None:
+        """Log the first batch's time and the estimate for the whole pass (exact M only)."""
+        batches = len(self.md.source)
+        total = f"; about {first * batches:.0f} s for all {batches} batches" if batches > 1 else ""
+        _log.info(
+            "KFAC: exact M for %d layer(s) (%d Hessian-vector directions, %s) took %.1f s on the "
+            "first batch%s", len(flagged), self._exact.products,
+            "batched" if self._exact.batched else "one at a time", first, total,
+        )
 
     def _warn_fallback(self) -> None:
         if not self.ggn_fallback:
@@ -280,10 +299,13 @@ class KFACComputer:
             first = self._first_derivatives(fw, targets, deciding)
         if deciding:
             flagged = self._decide(fw, first, ggn, probe)
+        bar = self._exact_bar(fw, flagged)
         for l, lay in enumerate(self.layers):
             if lay.name in flagged:
-                M_l = self._exact_M(l, fw.deltas[l], first[l])  # (n, P or 1, out, out)
+                M_l = self._exact_M(l, fw.deltas[l], first[l], bar)  # (n, P or 1, out, out)
                 M[l] = M_l if per_sample else M_l.sum(dim=(0, 1))
+        if bar is not None:
+            bar.close()
         terms: list[Any] = []
         for l, lay in enumerate(self.layers):
             if per_sample:
@@ -292,6 +314,18 @@ class KFACComputer:
             else:
                 terms.append((_math.input_term(rows[l]), self._or_zeros(M[l], (lay.out_dim, lay.out_dim))))
         return terms, n, flagged
+
+    def _exact_bar(self, fw: _Forward, flagged: set[str]) -> Any:
+        """A tqdm bar over this batch's exact-M directions (None when there are few)."""
+        total = sum(
+            self._exact.directions(_math.RULES[lay.kind].output_rows(fw.deltas[l]).shape, self.reduce)
+            for l, lay in enumerate(self.layers) if lay.name in flagged
+        )
+        if total < 256:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc="KFAC exact M", unit="hvp", leave=False, disable=None)
 
     def _or_zeros(self, t: Tensor | None, shape: tuple[int, ...]) -> Tensor:
         return t if t is not None else torch.zeros(shape, dtype=self.md.dtype, device=self.md.device)
@@ -416,33 +450,11 @@ class KFACComputer:
                 flagged.add(self.layers[l].name)
         return flagged
 
-    def _exact_M(self, l: int, d: Tensor, g1: Tensor | None) -> Tensor:
-        """Exact per-sample M of layer l by Hessian-vector products w.r.t. its δ.
-
-        "expand": M_j[t, t] column by column, one position at a time (P·C products);
-        "reduce": Σ_{t,t'} M_j[t, t'] from one direction per channel at all positions (C).
+    def _exact_M(self, l: int, d: Tensor, g1: Tensor | None, bar: Any = None) -> Tensor:
+        """Exact per-sample M of layer l (see :mod:`hesslab.linops.kfac._exact`).
 
         Returns:
             (n, P, C, C) ("expand") or (n, 1, C, C) ("reduce"), symmetrised.
         """
         rule = _math.RULES[self.layers[l].kind]
-        rows_shape = rule.output_rows(d).shape  # (n, P, C)
-        n, P, C = rows_shape
-        spots: list[int | None] = [None] if self.reduce else list(range(P))
-        M = torch.zeros(n, len(spots), C, C, dtype=self.md.dtype, device=self.md.device)
-        if g1 is None or not g1.requires_grad:
-            return M
-        for i, t in enumerate(spots):
-            for c in range(C):
-                E = torch.zeros(rows_shape, dtype=d.dtype, device=d.device)
-                if t is None:
-                    E[:, :, c] = 1
-                else:
-                    E[:, t, c] = 1
-                (hv,) = torch.autograd.grad(
-                    g1, d, rule.rows_to_output(E, d.shape), retain_graph=True, allow_unused=True
-                )
-                if hv is not None:
-                    r = rule.output_rows(hv)
-                    M[:, i, :, c] = r.sum(1) if t is None else r[:, t, :]
-        return (M + M.transpose(-1, -2)) / 2
+        return self._exact.compute(g1, d, rule, self.reduce, self.md.dtype, bar)
