@@ -219,6 +219,7 @@ def test_kfac_gpt2_covers_every_conv1d_and_matches_hand_built_factors():
     assert K.layer_names == conv1d
     assert "tied" in K.skipped["lm_head"] and "transformer.wte.weight" in K.skipped["lm_head"]
     assert {"transformer.wte", "transformer.h.0.ln_1"} <= set(K.skipped)
+    assert any("kfac_approx='expand'" in n for n in K.notes) and any("math SDPA" in n for n in K.notes)
     assert any("lm_head" in str(w.message) and "tied" in str(w.message) for w in caught)
     with pytest.raises(HesslabError, match=r"'lm_head.weight' is tied to 'transformer.wte.weight'"):
         Hessian(model, None, batch, params="lm_head.weight")

@@ -248,7 +248,9 @@ class KFACComputer:
         total = f"; about {first * batches:.0f} s for all {batches} batches" if batches > 1 else ""
         _log.info(
             "KFAC: exact M for %d layer(s) (%d Hessian-vector directions, %s) took %.1f s on the "
-            "first batch%s", len(flagged), self._exact.products,
+            "first batch%s. It costs P·C double-backward products per layer shared over P "
+            "positions; curvature='ggn' (the Gauss-Newton M) takes a few products per batch.",
+            len(flagged), self._exact.products,
             "batched" if self._exact.batched else "one at a time", first, total,
         )
 
