@@ -22,6 +22,10 @@ from hesslab.linops._lmloss import LossHead, apply_cross_entropy
 __all__ = ["Hessian", "GGN"]
 
 _CURVATURES = ("auto", "analytic", "autograd")
+#: "auto" takes the closed form from this many logits per batch (large vocabularies). Below
+#: it the double backward is as cheap, and H − GGN stays exactly zero where the two
+#: coincide (the same ops in both), which rank analyses (hesslab.rank_report) rely on.
+_CLOSED_FORM_MIN = 1 << 16
 
 
 def _jvp_with_targets(
@@ -98,7 +102,8 @@ class GGN(CurvatureOperator):
     ``loss_fn=None``, be a causal LM: z are its logits). See :class:`CurvatureOperator`
     for the other arguments.
 
-    The output-space curvature ∇²_z L_k (``output_curvature=``): for cross-entropy
+    The output-space curvature ∇²_z L_k (``output_curvature=``): for large outputs
+    (from 2¹⁶ logits per batch, e.g. a language model's vocabulary) and cross-entropy
     (``nn.CrossEntropyLoss``/``F.cross_entropy`` on (n, c) logits with class indices, and
     a causal LM's token loss with ``loss_fn=None``) it is applied in closed form, per
     token w (p∘u − p (pᵀu)) with p = softmax(z) and w = 1/(number of predicted tokens)
@@ -107,14 +112,14 @@ class GGN(CurvatureOperator):
     (B, T, V) softmax instead of the graph of a double backward through log-softmax,
     whose memory grows with batch × tokens × vocabulary (benchmarks/bench_lm_ggn.py).
 
-    ``method="auto"`` takes torch.func when the closed form applies (eval mode), the
-    lean path for large vocabularies, falling back on autograd once (noted in ``notes``)
-    for a model torch.func cannot run; autograd otherwise.
+    ``method="auto"`` takes torch.func when the closed form applies to the first batch
+    (eval mode), the lean path for large vocabularies, falling back on autograd once
+    (noted in ``notes``) for a model torch.func cannot run; autograd otherwise.
 
     Args:
-        output_curvature: ``"auto"`` (closed form where the loss is recognised),
-            ``"analytic"`` (required: raise otherwise) or ``"autograd"`` (always the
-            double backward).
+        output_curvature: ``"auto"`` (closed form where the loss is recognised and the
+            logits are large), ``"analytic"`` (closed form whenever the loss is
+            recognised; raise otherwise) or ``"autograd"`` (always the double backward).
     """
 
     _difference = staticmethod(ggn_difference)
@@ -126,17 +131,23 @@ class GGN(CurvatureOperator):
                 f"output_curvature: expected one of {_CURVATURES}, got {output_curvature!r}"
             )
         self._curv_mode = output_curvature
-        # The rule for method="auto": with the closed-form cross-entropy, torch.func
-        # (forward-mode J V, one vjp) keeps ~1.2x a gradient's memory against 2x for the
+        self._first_numel: int | None = None
+        self._auto_func = False
+        auto = kwargs.get("method", "auto") == "auto"
+        super().__init__(model, loss_fn, data, params, **kwargs)
+        # The rule for method="auto": with the closed form (large outputs), torch.func
+        # (forward-mode J V, one vjp) keeps ~1.3x a gradient's memory against 2x for the
         # kept autograd graph (benchmarks/bench_lm_ggn.py); otherwise autograd.
         self._auto_func = (
-            kwargs.get("method", "auto") == "auto" and output_curvature != "autograd"
-            and not kwargs.get("train_mode", False) and kwargs.get("reuse_graph", "auto") is not True
-            and LossHead(model, loss_fn).recognises_cross_entropy()
+            auto and not self.train_mode and kwargs.get("reuse_graph", "auto") is not True
+            and self._md.head.recognises_cross_entropy() and self._large()
         )
         if self._auto_func:
-            kwargs["method"] = "func"
-        super().__init__(model, loss_fn, data, params, **kwargs)
+            self._path, self._reuse, self._state = "func", False, None
+
+    def _large(self) -> bool:
+        """The first batch's logits hold at least ``_CLOSED_FORM_MIN`` entries."""
+        return self._curv_mode == "analytic" or (self._first_numel or 0) >= _CLOSED_FORM_MIN
 
     def _batch_product(self, inputs, targets, Vs, reuse):
         try:
@@ -150,7 +161,7 @@ class GGN(CurvatureOperator):
 
     def _closed_form(self, z: Tensor, targets: Tensor) -> tuple[Tensor, Tensor] | None:
         """(p, w) of the closed-form cross-entropy curvature, or None (double backward)."""
-        if self._curv_mode == "autograd":
+        if self._curv_mode == "autograd" or not (self._large() or z.numel() >= _CLOSED_FORM_MIN):
             return None
         pw = self._md.head.cross_entropy(z, targets)
         if pw is None and self._curv_mode == "analytic":
@@ -185,7 +196,10 @@ class GGN(CurvatureOperator):
         return torch.func.vmap(vjp_fn)(HJV)[0]
 
     def _check_output(self, out: Any) -> Tensor:
-        return self._md.logits(out)  # one tensor, or a causal LM's logits
+        z = self._md.logits(out)  # one tensor, or a causal LM's logits
+        if self._first_numel is None:
+            self._first_numel = int(z.numel())
+        return z
 
     def _build_state(self, selected, others, inputs, targets):
         leaves = self._leaves(selected)
