@@ -387,10 +387,7 @@ class KFACComputer:
             return M
         S = _math.sqrt_columns(self.loss.kind, fw.out, targets)  # (K, n, *out)
         n = fw.out.shape[0]
-        for k in range(S.shape[0]):
-            grads = torch.autograd.grad(
-                fw.out, [fw.deltas[l] for l in ggn], S[k], retain_graph=True, allow_unused=True
-            )
+        for grads in self._exact.pullbacks(fw.out, [fw.deltas[l] for l in ggn], S):
             if probe is not None:
                 probe.add(ggn, grads, n)
             for l, g in zip(ggn, grads):

@@ -14,11 +14,13 @@ Vectorised: the directions go through the double backward in chunks with
 instead of one per direction; chunks sized so that a chunk of directions holds about
 2²² output entries), falling back on one direction at a time, once and recorded, where
 an op after the layer has no batching rule. A tqdm bar counts the directions (quiet when
-not on a terminal).
+not on a terminal). The Gauss-Newton pullbacks of the loss Hessian's square-root
+columns are batched the same way (:meth:`ExactM.pullbacks`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -95,6 +97,38 @@ class ExactM:
             if bar is not None:
                 bar.update(k)
         return (M + M.transpose(-1, -2)) / 2
+
+    def pullbacks(self, out: Tensor, inputs: list[Tensor], S: Tensor) -> Iterator[tuple[Tensor | None, ...]]:
+        """The vector-Jacobian products Jᵀ s_k of every square-root column s_k, one by one.
+
+        The Gauss-Newton part of B needs one pullback per column of the loss Hessian's
+        square root (c classes, or a causal LM's V tokens): they go through the backward
+        in chunks with ``is_grads_batched`` (the same fallback as the exact M).
+
+        Args:
+            out: The model output (n, *z) with its graph; inputs: the layers' δ.
+            S: (K, n, *z) the columns.
+
+        Yields:
+            Per column, the pullback to every input (None where unused).
+        """
+        K = S.shape[0]
+        chunk = max(1, min(K, _CHUNK_ENTRIES // max(1, out.numel())))
+        for start in range(0, K, chunk):
+            part = S[start:start + chunk]
+            if self.batched and part.shape[0] > 1:
+                try:
+                    grads = torch.autograd.grad(
+                        out, inputs, part, retain_graph=True, allow_unused=True, is_grads_batched=True
+                    )
+                    for i in range(part.shape[0]):
+                        yield tuple(None if g is None else g[i] for g in grads)
+                    continue
+                except RuntimeError as err:  # no batching rule: one at a time from now on
+                    self.batched = False
+                    self.fallback = str(err).split("\n")[0]
+            for s in part:
+                yield torch.autograd.grad(out, inputs, s, retain_graph=True, allow_unused=True)
 
     def _apply(self, g1: Tensor, d: Tensor, dirs: Tensor) -> Tensor | None:
         """∂⟨g₁, e⟩/∂δ for the k directions ``dirs`` (k, *δ); (k, *δ) or None if unused."""
