@@ -9,8 +9,12 @@ vector against the basis, max |Qᵀ q_{j+1}|, for both.
 Kronecker product: kron_matmul over the layer shapes of a small CNN/ResNet, kernel vs
 the einsum twin.
 
-GPU mode (--device cuda): also the achieved bandwidth of the Lanczos step (bytes of Q
-read: 4 sweeps over j+1 rows, plus w) against a device-to-device copy of the same size.
+GPU mode (--device cuda): also the achieved bandwidth of the Lanczos step against a
+device-to-device copy of the same size. Bytes moved, by the plan of
+csrc/common/gram_schmidt_plan.h: Q's j+1 rows read in 3 sweeps (dots, update, dots) plus
+a 4th where the second update runs (nearly never for float32 bases with float64 sums,
+usually for float64 ones: counted as 3 and 4), plus ~10 passes over w (norms, updates,
+the new row).
 
     python benchmarks/bench_kernels.py [--quick] [--device cuda] [--threads 1,2]
 """
@@ -79,7 +83,8 @@ def bench_lanczos(sizes, dtypes, threads, repeats, device):
                            kernel_ms=res["kernel"] * 1e3, twin_ms=res["twin"] * 1e3, ratio=res["twin"] / res["kernel"],
                            kernel_ortho=res["kernel_ortho"], twin_ortho=res["twin_ortho"])
                 if device.startswith("cuda"):
-                    nbytes = Q0.element_size() * b * n * (4 * (j + 1) + 6)
+                    sweeps = 3 if dtype == torch.float32 else 4  # see the module docstring
+                    nbytes = Q0.element_size() * b * n * (sweeps * (j + 1) + 10)
                     big = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
                     dst = torch.empty_like(big)
                     copy = timeit(lambda: dst.copy_(big), repeats, device)

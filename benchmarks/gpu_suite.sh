@@ -9,14 +9,23 @@
 # for the build. The peers (pyhessian, hessian-eigenthings, curvlinops) are optional: the
 # ones that import are benchmarked, the others are skipped and named in the output.
 #
-# Steps (each logs to $OUT_DIR/gpu_suite_<step>.log):
-#   1. build   pip install --no-build-isolation --no-deps --no-index -e .   (HESSLAB_CUDA=1)
-#   2. check   hesslab.build_info() has CUDA kernels and torch sees a GPU
-#   3. tests   python -m pytest -q -m "not slow" tests   (cuda variants run on the GPU)
-#   4. kernels python benchmarks/bench_kernels.py --device cuda
-#   5. peers   python benchmarks/bench_peers.py --device cuda --workloads resnet18 (batch 128)
-# Exit status: 1 if the build, the check or the tests fail (it stops there); 3 if a
-# benchmark fails (both benchmarks are still attempted); 0 otherwise.
+# Steps (each logs to $OUT_DIR/gpu_suite_<step>.log; every step has a time limit so the
+# suite stays within ~8 minutes on an H100/H200, the build included):
+#   1. build      pip install --no-build-isolation --no-deps --no-index -e .   (HESSLAB_CUDA=1,
+#                 TORCH_CUDA_ARCH_LIST defaults to the visible GPU's arch only: a faster build)
+#   2. check      hesslab.build_info() has CUDA kernels and torch sees a GPU
+#   3. ops        the op tests on CUDA first (tests/test_lanczos_ops.py, test_kron_ops.py,
+#                 test_ops_paths.py: every kernel code path, determinism, a second GPU when
+#                 present; test_ops_fuzz.py): fails if any CUDA variant was skipped
+#   4. memcheck   compute-sanitizer --tool memcheck over the CUDA op tests (small shapes)
+#   5. racecheck  compute-sanitizer --tool racecheck over the same tests (shared memory races)
+#   6. tests      python -m pytest -q -m "not slow" tests, minus the op tests of step 3
+#   7. kernels    python benchmarks/bench_kernels.py --device cuda
+#   8. peers      python benchmarks/bench_peers.py --device cuda --workloads resnet18 (batch 128)
+# Exit status: 1 if the build, the check, the op tests, a sanitizer or the tests fail (it
+# stops there); 3 if a benchmark fails (both benchmarks are still attempted); 0 otherwise.
+# SKIP_SANITIZER=1 skips steps 4-5 (e.g. when compute-sanitizer is not installed: the
+# suite then fails loudly unless this is set).
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -29,6 +38,19 @@ export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
   export CUDA_HOME=/usr/local/cuda
 fi
+
+if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+  ARCH="$("$PY" -c 'import torch; c = torch.cuda.get_device_capability() if torch.cuda.is_available() else None; print(f"{c[0]}.{c[1]}" if c else "")' 2>/dev/null)"
+  [ -n "$ARCH" ] && export TORCH_CUDA_ARCH_LIST="$ARCH"
+fi
+export MAX_JOBS="${MAX_JOBS:-$(nproc 2>/dev/null || echo 4)}"
+SANITIZER="${COMPUTE_SANITIZER:-$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")}"
+OP_TESTS=(tests/test_lanczos_ops.py tests/test_kron_ops.py tests/test_ops_paths.py tests/test_ops_fuzz.py)
+# The sanitizers slow kernels down 10-100x: run them over the CUDA variants of the op tests
+# with small shapes (the large code-path shapes and the float32-orthogonality runs are left
+# to step 3) and with torch's caching allocator off, so out-of-bounds accesses hit real
+# allocation boundaries.
+SANITIZE_SELECT="cuda and not float32_storage and not full_run and not grid_stride and not grid_y and not scale_loop and not deterministic and not thread_count"
 
 START=$(date +%s)
 SUMMARY="$OUT_DIR/gpu_suite_summary.md"
@@ -71,14 +93,39 @@ if not info.get("cuda_kernels"):
     sys.exit("hesslab.build_info() lists no CUDA kernels")
 EOF
 
-step tests "$PY" -m pytest -q -m "not slow" -rs tests || fail "the tests failed (see $OUT_DIR/gpu_suite_tests.log)"
-if grep -qiE "skipped.*(no CUDA|without CUDA)" "$OUT_DIR/gpu_suite_tests.log"; then
-  fail "the CUDA tests were skipped although a GPU is present (see $OUT_DIR/gpu_suite_tests.log)"
+no_cuda_skips() {  # no_cuda_skips LOG: fail loudly if a CUDA variant was skipped
+  if grep -qiE "skipped.*(no CUDA|without CUDA)" "$1"; then
+    fail "CUDA tests were skipped although a GPU is present (see $1)"
+  fi
+}
+
+step ops timeout 240 "$PY" -m pytest -q -rs -p no:cacheprovider "${OP_TESTS[@]}" \
+  || fail "the op tests failed on the GPU (see $OUT_DIR/gpu_suite_ops.log)"
+no_cuda_skips "$OUT_DIR/gpu_suite_ops.log"
+if ! grep -qE "[0-9]+ passed" "$OUT_DIR/gpu_suite_ops.log"; then
+  fail "the op tests ran nothing (see $OUT_DIR/gpu_suite_ops.log)"
 fi
 
+if [ "${SKIP_SANITIZER:-0}" != 1 ]; then
+  [ -x "$SANITIZER" ] || fail "compute-sanitizer not found at $SANITIZER (set COMPUTE_SANITIZER, or SKIP_SANITIZER=1)"
+  for tool in memcheck racecheck; do
+    step "$tool" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 150 "$SANITIZER" --tool "$tool" --error-exitcode 86 \
+      --target-processes all "$PY" -m pytest -q -x -rs -p no:cacheprovider -k "$SANITIZE_SELECT" \
+      tests/test_lanczos_ops.py tests/test_kron_ops.py tests/test_ops_paths.py \
+      || fail "compute-sanitizer --tool $tool found errors or timed out (see $OUT_DIR/gpu_suite_$tool.log)"
+    grep -qE "[0-9]+ passed" "$OUT_DIR/gpu_suite_$tool.log" || fail "$tool ran no test (see $OUT_DIR/gpu_suite_$tool.log)"
+    no_cuda_skips "$OUT_DIR/gpu_suite_$tool.log"
+  done
+fi
+
+step tests timeout 300 "$PY" -m pytest -q -m "not slow" -rs -p no:cacheprovider \
+  $(printf -- '--ignore=%s ' "${OP_TESTS[@]}") tests \
+  || fail "the tests failed (see $OUT_DIR/gpu_suite_tests.log)"
+no_cuda_skips "$OUT_DIR/gpu_suite_tests.log"
+
 BENCH_RC=0
-step kernels "$PY" benchmarks/bench_kernels.py --device cuda --out "$OUT_DIR/kernels_cuda.json" || BENCH_RC=3
-step peers "$PY" benchmarks/bench_peers.py --device cuda --workloads resnet18 --resnet18-batch 128 \
+step kernels timeout 120 "$PY" benchmarks/bench_kernels.py --device cuda --out "$OUT_DIR/kernels_cuda.json" || BENCH_RC=3
+step peers timeout 150 "$PY" benchmarks/bench_peers.py --device cuda --workloads resnet18 --resnet18-batch 128 \
   --out "$OUT_DIR/peers_cuda.json" || BENCH_RC=3
 
 {

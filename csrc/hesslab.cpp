@@ -24,16 +24,21 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(hesslab, m) {
-  // One Lanczos step for b runs: alpha = <w, q_j>; w -= alpha q_j + beta_prev q_{j-1};
-  // CGS2 against q_0..q_j, the second update skipped where the first left w orthogonal to
-  // the storage dtype's epsilon (alpha absorbs the q_j corrections); beta = ||w||;
-  // Q[:, j+1] = w / beta when j + 1 < m. breakdown[i]: beta <= tol * (||w_in|| + |beta_prev|),
-  // and then Q[i, j+1] is written as zeros (never NaN) for the driver to replace.
+  // One Lanczos step for b runs, by the one Gram-Schmidt plan of common/gram_schmidt_plan.h
+  // that the CPU and CUDA kernels both follow (rows q_0..q_j, float64 sums):
+  //   d = Q w_in; w -= Q^T d (this is the recurrence w -= alpha q_j + beta_prev q_{j-1} and
+  //   the first reorthogonalization at once); c = Q w; second update w -= Q^T c only where
+  //   ||c|| > eps ||w|| (eps: the storage dtype's epsilon; NaN takes it);
+  //   alpha = d_j (+ c_j where the second update ran); beta = ||w||;
+  //   breakdown[i]: beta <= tol * (||w_in|| + |beta_prev| (j > 0)); Q[:, j+1] = w / beta when
+  //   j + 1 < m, zeros (never NaN) on breakdown or beta not > 0, for the driver to replace.
+  // Q and w are mutated: they must be contiguous and must not share memory with each other
+  // or with beta_prev (refused, never copied); every tensor on one device.
   m.def(
       "lanczos_step_(Tensor(a!) Q, Tensor(b!) w, Tensor beta_prev, int j, float tol) -> "
       "(Tensor alpha, Tensor beta, Tensor breakdown)");
-  // CGS2 of w against Q[:, :j] (second update as above); returns the total coefficients
-  // (b, j) in float64.
+  // The same plan against Q[:, :j] (w mutated: contiguous, not sharing memory with Q);
+  // returns the applied coefficients d (+ c) as (b, j) float64.
   m.def("reorthogonalize_(Tensor Q, Tensor(a!) w, int j) -> Tensor");
   // Block-diagonal Kronecker product: out_l = vec(B_l V_l A_l^T) for every layer l.
   m.def("kron_matmul(Tensor[] A, Tensor[] B, Tensor V) -> Tensor");

@@ -5,11 +5,31 @@ built, CUDA) kernels. This module:
 
 * checks that every tensor argument lives on one device and that a kernel exists for it,
   so a CUDA tensor sent to a CPU-only build gets a :class:`~hesslab.errors.HesslabError`
-  naming the fix instead of a dispatcher trace (shape and dtype checks happen in C++,
-  csrc/common/checks.h, and come back here as HesslabError too);
-* registers fake (meta) kernels so the ops trace under ``torch.compile``;
+  naming the fix instead of a dispatcher trace (shape, dtype, device, contiguity and
+  aliasing checks happen in C++, csrc/common/checks.h; only those argument errors, and
+  the dispatcher's own "Expected a value of type" errors, come back here as
+  HesslabError, chained to the original exception; anything else, a genuine bug,
+  propagates unchanged with its traceback);
+* registers fake (meta) kernels that apply the same checks with ``torch._check_value`` /
+  ``torch._check_type`` and the same messages, so the ops trace under ``torch.compile``
+  and a bad call fails at trace time, and a direct call that mixes a ``meta`` tensor with
+  real ones (which the dispatcher routes to the fake kernel) is refused instead of
+  returning uninitialised memory;
 * falls back to the pure-torch twins in :mod:`hesslab.reference` (with a warning, once)
   when the extension is not built at all, e.g. when running from a source tree.
+
+Determinism (what a resumed run can rely on): every kernel is bitwise reproducible run to
+run. On the CPU the same inputs give the same bits whatever the thread count (fixed
+segments, sums in a fixed order). On CUDA the Lanczos ops reduce in two stages without
+atomics (per-block partial sums, then a fixed-order sum over the blocks; the grid depends
+only on n) and the Kronecker GEMMs compute every output tile in one block in a fixed K
+order, so the same inputs give the same bits on the same GPU model with the same build.
+Results are *not* bitwise equal across backends (CPU and CUDA add in different fixed
+orders: they agree to rounding) nor across GPU architectures or builds. A checkpointed
+Krylov run resumed on the same device, GPU model and build therefore continues bit for bit
+as the uninterrupted run would, provided the operator's own products are deterministic
+(on a GPU, autograd products may use non-deterministic cuBLAS/cuDNN/atomic kernels unless
+``torch.use_deterministic_algorithms(True)`` is set); resumed elsewhere it agrees to rounding.
 
 Conventions: Lanczos bases ``Q`` are (b, m, n), float32 or float64, with inner products
 accumulated in float64. Kronecker layers use PyTorch's row-major vec: for V of shape
@@ -97,9 +117,27 @@ def _call(op: str, named_args: list[tuple[str, object]], twin: Callable, twin_kw
             )
         )
     try:
-        return getattr(torch.ops.hesslab, op)(*args)
-    except (ValueError, TypeError, IndexError) as exc:
-        raise HesslabError(str(exc).split("\n")[0]) from None
+        return _compiled(op)(*args)
+    except (ValueError, TypeError, RuntimeError) as exc:
+        message = str(exc).split("\n")[0]
+        if _is_argument_error(op, exc, message):
+            raise HesslabError(message) from exc
+        raise
+
+
+def _compiled(op: str) -> Callable:
+    """The compiled op ``torch.ops.hesslab.<op>`` (a seam for tests)."""
+    return getattr(torch.ops.hesslab, op)
+
+
+def _is_argument_error(op: str, exc: Exception, message: str) -> bool:
+    """Whether ``exc`` is an argument error of the op itself: a check of csrc/common/checks.h
+    (or of its fake twin below: ValueError/TypeError starting "hesslab.<op>: argument"),
+    or the dispatcher refusing an argument's type against the schema. Everything else (a
+    CUDA launch failure, an error inside ATen, a bug) is not."""
+    if isinstance(exc, (ValueError, TypeError)) and message.startswith(f"hesslab.{op}: argument"):
+        return True
+    return type(exc) is RuntimeError and message.startswith(f"hesslab::{op}() Expected a value of type")
 
 
 def lanczos_step_(Q: Tensor, w: Tensor, beta_prev: Tensor, j: int, tol: float = 1e-10) -> tuple[Tensor, Tensor, Tensor]:
@@ -113,9 +151,15 @@ def lanczos_step_(Q: Tensor, w: Tensor, beta_prev: Tensor, j: int, tol: float = 
     with float64 accumulation that is nearly every step of a float32 basis, one sweep
     over Q saved out of three.
 
+    The CPU and CUDA kernels follow one plan (csrc/common/gram_schmidt_plan.h): d = Q w,
+    w −= Qᵀd (the recurrence and the first pass at once), c = Q w, the second update only
+    where needed; alpha = d_j (+ c_j), with one breakdown rule.
+
     Args:
-        Q: (b, m, n) Krylov bases, rows 0..j orthonormal; row j+1 is written.
-        w: (b, n) on entry A q_j; on exit the residual beta · q_{j+1}.
+        Q: (b, m, n) Krylov bases, rows 0..j orthonormal; row j+1 is written. Must be
+            contiguous (it is mutated: a strided one is refused, never copied).
+        w: (b, n) on entry A q_j; on exit the residual beta · q_{j+1}. Contiguous, and
+            sharing no memory with Q or beta_prev (an alias such as ``Q[:, 1]`` is refused).
         beta_prev: (b,) float64, the previous beta (ignored when j = 0).
         j: the current row, 0 ≤ j < m.
         tol: breakdown when beta ≤ tol · (‖w_in‖ + |beta_prev|), i.e. when reorthogonalization
@@ -135,7 +179,8 @@ def lanczos_step_(Q: Tensor, w: Tensor, beta_prev: Tensor, j: int, tol: float = 
 
 def reorthogonalize_(Q: Tensor, w: Tensor, j: int) -> Tensor:
     """CGS2 of w (b, n) against the first j rows of Q (b, m, n), in place (the second
-    update only where needed, as in :func:`lanczos_step_`).
+    update only where needed, as in :func:`lanczos_step_`). w must be contiguous and share
+    no memory with Q (which is only read, and may be strided).
 
     Returns:
         (b, j) float64: the sum of the applied passes' coefficients ⟨q_r, w⟩.
@@ -206,26 +251,171 @@ def kron_topk(lamB: Tensor, lamA: Tensor, k: int) -> tuple[Tensor, Tensor, Tenso
     return _call("kron_topk", [("lamB", lamB), ("lamA", lamA), ("k", int(k))], reference.kron_topk)
 
 
+# ---- fake (meta) kernels: the checks of csrc/common/checks.h, with the same messages ----
+
+_CPP_DTYPE = {torch.float32: "Float", torch.float64: "Double", torch.float16: "Half", torch.bfloat16: "BFloat16",
+              torch.int64: "Long", torch.int32: "Int", torch.bool: "Bool", torch.int8: "Char", torch.uint8: "Byte",
+              torch.int16: "Short", torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble"}
+
+
+def _cpp(x) -> str:
+    """x as C++ prints it in the checks' messages (dtype names, sizes as [a, b])."""
+    if isinstance(x, torch.dtype):
+        return _CPP_DTYPE.get(x, str(x))
+    if isinstance(x, (torch.Size, tuple, list)):
+        return "[" + ", ".join(str(int(v)) for v in x) + "]"
+    return str(x)
+
+
+def _value(cond, op: str, msg: Callable[[], str]) -> None:
+    torch._check_value(cond, lambda: f"hesslab.{op}: " + msg())
+
+
+def _type(cond, op: str, msg: Callable[[], str]) -> None:
+    torch._check_type(cond, lambda: f"hesslab.{op}: " + msg())
+
+
+def _check_floating(t: Tensor, op: str, name: str) -> None:
+    _type(t.dtype in (torch.float32, torch.float64), op,
+          lambda: f"argument '{name}' must be float32 or float64, got {_cpp(t.dtype)}")
+
+
+def _check_dim(t: Tensor, dim: int, op: str, name: str, layout: str) -> None:
+    _value(t.dim() == dim, op, lambda: f"argument '{name}' must have shape {layout} ({dim} dims), got {_cpp(t.shape)}")
+
+
+def _check_device(t: Tensor, ref: Tensor, op: str, name: str, ref_name: str) -> None:
+    _value(t.device == ref.device, op,
+           lambda: f"argument '{name}' must be on the device of '{ref_name}' ({ref.device}), got {t.device}")
+
+
+def _check_same(t: Tensor, ref: Tensor, op: str, name: str, ref_name: str) -> None:
+    _type(t.dtype == ref.dtype, op,
+          lambda: f"argument '{name}' must have the dtype of '{ref_name}' ({_cpp(ref.dtype)}), got {_cpp(t.dtype)}")
+    _check_device(t, ref, op, name, ref_name)
+
+
+def _check_mutated_contiguous(t: Tensor, op: str, name: str) -> None:
+    _value(t.is_contiguous(), op,
+           lambda: f"argument '{name}' is written in place and must be contiguous, got shape {_cpp(t.shape)} "
+                   f"with strides {_cpp(t.stride())}; pass {name}.contiguous() and read the result from that tensor")
+
+
+def _check_basis_and_vectors(Q: Tensor, w: Tensor, op: str) -> None:
+    _check_floating(Q, op, "Q")
+    _check_dim(Q, 3, op, "Q", "(b, m, n)")
+    _check_dim(w, 2, op, "w", "(b, n)")
+    _check_same(w, Q, op, "w", "Q")
+    _value(w.shape[0] == Q.shape[0] and w.shape[1] == Q.shape[2], op,
+           lambda: f"argument 'w' must have shape (b, n) = ({Q.shape[0]}, {Q.shape[2]}) to match 'Q' "
+                   f"{_cpp(Q.shape)}, got {_cpp(w.shape)}")
+
+
+def check_lanczos_step(Q: Tensor, w: Tensor, beta_prev: Tensor, j: int) -> None:
+    """The argument checks of lanczos_step_ (csrc/common/checks.h), as ``torch._check``s;
+    memory overlap, which fake tensors cannot see, is checked in C++ only."""
+    op = "lanczos_step_"
+    _check_basis_and_vectors(Q, w, op)
+    _value(Q.shape[1] >= 1, op, lambda: f"argument 'Q' must hold m >= 1 rows, got {_cpp(Q.shape)}")
+    _value(0 <= j < Q.shape[1], op, lambda: f"argument 'j' must satisfy 0 <= j < m = {Q.shape[1]}, got {j}")
+    _type(beta_prev.dtype == torch.float64, op, lambda: f"argument 'beta_prev' must be float64, got {_cpp(beta_prev.dtype)}")
+    _check_dim(beta_prev, 1, op, "beta_prev", "(b,)")
+    _value(beta_prev.shape[0] == Q.shape[0], op,
+           lambda: f"argument 'beta_prev' must have shape (b,) = ({Q.shape[0]},), got {_cpp(beta_prev.shape)}")
+    _check_device(beta_prev, Q, op, "beta_prev", "Q")
+    _check_mutated_contiguous(Q, op, "Q")
+    _check_mutated_contiguous(w, op, "w")
+
+
+def check_reorthogonalize(Q: Tensor, w: Tensor, j: int) -> None:
+    """The argument checks of reorthogonalize_ (as :func:`check_lanczos_step`)."""
+    op = "reorthogonalize_"
+    _check_basis_and_vectors(Q, w, op)
+    _value(0 <= j <= Q.shape[1], op, lambda: f"argument 'j' must satisfy 0 <= j <= m = {Q.shape[1]}, got {j}")
+    _check_mutated_contiguous(w, op, "w")
+
+
+def check_kron_factors(A, B, V: Tensor, op: str, a_name: str, b_name: str) -> list[int]:
+    """The checks of the Kronecker factors; returns the per-layer offsets (as C++)."""
+    _check_floating(V, op, "V")
+    _check_dim(V, 2, op, "V", "(b, N)")
+    _value(len(A) == len(B), op,
+           lambda: f"arguments '{a_name}' and '{b_name}' must list the same number of layers, got {len(A)} and {len(B)}")
+    offsets = [0]
+    for l, (a, b) in enumerate(zip(A, B)):
+        an, bn = f"{a_name}[{l}]", f"{b_name}[{l}]"
+        _check_same(a, V, op, an, "V")
+        _check_same(b, V, op, bn, "V")
+        _value(a.dim() == 2 and a.shape[0] == a.shape[1], op,
+               lambda: f"argument '{an}' must be a square matrix (in, in), got {_cpp(a.shape)}")
+        _value(b.dim() == 2 and b.shape[0] == b.shape[1], op,
+               lambda: f"argument '{bn}' must be a square matrix (out, out), got {_cpp(b.shape)}")
+        offsets.append(offsets[-1] + a.shape[0] * b.shape[0])
+    _value(V.shape[1] == offsets[-1], op,
+           lambda: f"argument 'V' must have N = sum(out*in) = {offsets[-1]} columns for the given factors, "
+                   f"got {_cpp(V.shape)}")
+    return offsets
+
+
+def check_kron_eig(UA, lamA, UB, lamB, V: Tensor, thresholds: Tensor) -> None:
+    """The checks of kron_eig_apply (as C++)."""
+    op = "kron_eig_apply"
+    check_kron_factors(UA, UB, V, op, "UA", "UB")
+    _value(len(lamA) == len(UA) and len(lamB) == len(UB), op,
+           lambda: f"arguments 'lamA' and 'lamB' must list one eigenvalue vector per layer ({len(UA)}), "
+                   f"got {len(lamA)} and {len(lamB)}")
+    for l in range(len(UA)):
+        an, bn = f"lamA[{l}]", f"lamB[{l}]"
+        _check_same(lamA[l], V, op, an, "V")
+        _check_same(lamB[l], V, op, bn, "V")
+        _value(lamA[l].dim() == 1 and lamA[l].shape[0] == UA[l].shape[0], op,
+               lambda: f"argument '{an}' must have shape ({UA[l].shape[0]},), got {_cpp(lamA[l].shape)}")
+        _value(lamB[l].dim() == 1 and lamB[l].shape[0] == UB[l].shape[0], op,
+               lambda: f"argument '{bn}' must have shape ({UB[l].shape[0]},), got {_cpp(lamB[l].shape)}")
+    _type(thresholds.dtype == torch.float64, op,
+          lambda: f"argument 'thresholds' must be float64, got {_cpp(thresholds.dtype)}")
+    _value(thresholds.dim() == 1 and thresholds.shape[0] == len(UA), op,
+           lambda: f"argument 'thresholds' must have shape (L,) = ({len(UA)},), one per layer, "
+                   f"got {_cpp(thresholds.shape)}")
+    _check_device(thresholds, V, op, "thresholds", "V")
+
+
+def check_kron_topk(lamB: Tensor, lamA: Tensor, k: int) -> None:
+    """The checks of kron_topk (as C++)."""
+    op = "kron_topk"
+    _check_floating(lamB, op, "lamB")
+    _check_dim(lamB, 1, op, "lamB", "(p,)")
+    _check_dim(lamA, 1, op, "lamA", "(q,)")
+    _check_same(lamA, lamB, op, "lamA", "lamB")
+    pq = lamB.shape[0] * lamA.shape[0]
+    _value(0 <= k <= pq, op, lambda: f"argument 'k' must satisfy 0 <= k <= p*q = {pq}, got {k}")
+
+
 if HAVE_EXTENSION:
 
     @torch.library.register_fake("hesslab::lanczos_step_")
     def _(Q, w, beta_prev, j, tol):
+        check_lanczos_step(Q, w, beta_prev, j)
         b = Q.shape[0]
         f64 = dict(dtype=torch.float64, device=Q.device)
         return Q.new_empty(b, **f64), Q.new_empty(b, **f64), Q.new_empty(b, dtype=torch.bool, device=Q.device)
 
     @torch.library.register_fake("hesslab::reorthogonalize_")
     def _(Q, w, j):
+        check_reorthogonalize(Q, w, j)
         return Q.new_empty(Q.shape[0], j, dtype=torch.float64)
 
     @torch.library.register_fake("hesslab::kron_matmul")
     def _(A, B, V):
+        check_kron_factors(A, B, V, "kron_matmul", "A", "B")
         return torch.empty_like(V, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("hesslab::kron_eig_apply")
     def _(UA, lamA, UB, lamB, V, power, damping, thresholds):
+        check_kron_eig(UA, lamA, UB, lamB, V, thresholds)
         return torch.empty_like(V, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("hesslab::kron_topk")
     def _(lamB, lamA, k):
+        check_kron_topk(lamB, lamA, k)
         return lamB.new_empty(k), lamB.new_empty(k, dtype=torch.long), lamB.new_empty(k, dtype=torch.long)

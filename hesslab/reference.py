@@ -6,8 +6,11 @@ matrix products (bmm/einsum) instead of hand-written kernels. The Lanczos twins 
 ``accumulate``: ``None`` does the inner products in the storage dtype (a plain float32
 GEMM for float32 bases, the baseline the benchmarks compare against), ``torch.float64``
 upcasts first and so matches the compiled kernels, which always accumulate in float64.
-The twins always apply both Gram–Schmidt updates; the kernels skip the second where the
-first already reached working precision, so the two agree to rounding, not bitwise.
+The twins always apply both Gram–Schmidt updates and the textbook three-term recurrence;
+the kernels follow the plan in csrc/common/gram_schmidt_plan.h (the recurrence folded into
+the first update, the second update skipped where the first already reached working
+precision), identical in exact arithmetic, so the two agree to rounding, not bitwise. The
+scalar rules (breakdown, a zero next row on breakdown or when beta is not > 0) are the same.
 
 Shapes: Q (b, m, n) Krylov bases, w (b, n), V (b, N) flat vectors over Kronecker layers
 (layer l owns N_l = out_l * in_l consecutive entries, a row-major (out_l, in_l) matrix).
@@ -43,7 +46,7 @@ def lanczos_step(
     alpha = <w, q_j>; w -= alpha q_j + beta_prev q_{j-1}; CGS2 against q_0..q_j (alpha
     absorbs the q_j coefficients); beta = ||w||; breakdown = beta <= tol (||w_in|| + |beta_prev|)
     (the scale of the terms that were subtracted, so that w_in = 0 is a breakdown too);
-    Q[:, j+1] = w / beta, or zeros on breakdown, when j + 1 < m.
+    Q[:, j+1] = w / beta, or zeros on breakdown (or when beta is not > 0), when j + 1 < m.
 
     Returns:
         alpha (b,) float64, beta (b,) float64, breakdown (b,) bool.
@@ -62,8 +65,10 @@ def lanczos_step(
     beta = x.norm(dim=1).to(torch.float64)
     breakdown = beta <= tol * scale
     if j + 1 < Q.shape[1]:
-        scale = torch.where(breakdown, torch.zeros_like(beta), 1.0 / torch.where(breakdown, 1.0, beta))
-        Q[:, j + 1] = (x * scale.to(x.dtype).unsqueeze(1)).to(Q.dtype)
+        zero = breakdown | ~(beta > 0)
+        scale = torch.where(zero, torch.zeros_like(beta), 1.0 / torch.where(zero, 1.0, beta))
+        row = torch.where(zero.unsqueeze(1), torch.zeros_like(x), x * scale.to(x.dtype).unsqueeze(1))
+        Q[:, j + 1] = row.to(Q.dtype)  # exactly 0 on breakdown, even for a NaN residual
     return alpha, beta, breakdown
 
 

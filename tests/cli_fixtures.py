@@ -8,6 +8,7 @@ loads these by name, as it loads a user's own factories.
     loader()              a DataLoader of 48 samples in 3 batches (8 features, 3 classes)
     single_batch()        the same data as one (inputs, targets) pair
     wrong_shape_loader()  inputs with 5 features instead of 8
+    bn_mlp()              8 -> 6 (BatchNorm) -> 3: its Hessian differs in train and eval mode
     broken_factory()      raises
     my_cross_entropy      a plain loss function (pkg.module:fn)
 """
@@ -32,6 +33,15 @@ def tiny_mlp() -> nn.Module:
 def other_mlp() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(NUM_FEATURES, 5), nn.ReLU(), nn.Linear(5, NUM_CLASSES))
+
+
+def bn_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(NUM_FEATURES, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, NUM_CLASSES))
+    with torch.no_grad():  # running statistics far from the batch statistics
+        model[1].running_mean.fill_(0.5)
+        model[1].running_var.fill_(4.0)
+    return model
 
 
 def _data(features: int = NUM_FEATURES) -> tuple[torch.Tensor, torch.Tensor]:

@@ -100,20 +100,45 @@ def test_results_do_not_depend_on_the_thread_count():
         assert torch.equal(x, y)
 
 
-def test_non_contiguous_inputs_are_written_back(dtype, device):
+def test_non_contiguous_mutated_arguments_are_refused(dtype, device):
+    """Q and w are written in place: a strided one is refused with its name (it used to be
+    computed on a contiguous copy and copied back, the whole basis twice per step)."""
     b, m, n, j = 3, 6, 101, 2
     Qc = _basis(b, m, n, j + 1, dtype, device)
     Q = Qc.transpose(1, 2).contiguous().transpose(1, 2)  # same values, strided (b, m, n)
     assert not Q.is_contiguous()
     w = torch.randn(n, b, dtype=dtype, device=device).t()
     assert not w.is_contiguous()
-    Q2, w2 = Qc.clone(), w.contiguous()
     beta_prev = torch.rand(b, dtype=torch.float64, device=device)
-    out = _ops.lanczos_step_(Q, w, beta_prev, j, 1e-10)
+    Q0, w0 = Q.clone(), w.clone()
+    with pytest.raises(HesslabError, match="argument 'Q' is written in place and must be contiguous"):
+        _ops.lanczos_step_(Q, w.contiguous(), beta_prev, j, 1e-10)
+    with pytest.raises(HesslabError, match="argument 'w' is written in place and must be contiguous"):
+        _ops.lanczos_step_(Qc.clone(), w, beta_prev, j, 1e-10)
+    with pytest.raises(HesslabError, match="argument 'w' is written in place and must be contiguous"):
+        _ops.reorthogonalize_(Qc, w, j)
+    assert torch.equal(Q, Q0) and torch.equal(w, w0)  # nothing was written
+
+
+def test_non_contiguous_read_only_arguments_are_fine(dtype, device):
+    """reorthogonalize_ only reads Q, lanczos_step_ only reads beta_prev: strided ones work."""
+    b, m, n, j = 3, 6, 101, 2
+    Qc = _basis(b, m, n, j + 1, dtype, device)
+    Q = Qc.transpose(1, 2).contiguous().transpose(1, 2)
+    w = torch.randn(b, n, dtype=dtype, device=device)
+    w2 = w.clone()
+    c = _ops.reorthogonalize_(Q, w, j)
+    c2 = reference.reorthogonalize(Qc, w2, j, accumulate=torch.float64)
+    torch.testing.assert_close(c, c2, rtol=TOL[dtype], atol=TOL[dtype])
+    torch.testing.assert_close(w, w2, rtol=TOL[dtype], atol=TOL[dtype])
+    beta_prev = torch.rand(2 * b, dtype=torch.float64, device=device)[::2]
+    Q1, Q2, w = Qc.clone(), Qc.clone(), torch.randn(b, n, dtype=dtype, device=device)
+    w2 = w.clone()
+    out = _ops.lanczos_step_(Q1, w, beta_prev, j, 1e-10)
     ref = reference.lanczos_step(Q2, w2, beta_prev, j, 1e-10, accumulate=torch.float64)
     for x, y in zip(out, ref):
         torch.testing.assert_close(x, y, rtol=TOL[dtype], atol=TOL[dtype])
-    torch.testing.assert_close(Q, Q2, rtol=TOL[dtype], atol=TOL[dtype])
+    torch.testing.assert_close(Q1, Q2, rtol=TOL[dtype], atol=TOL[dtype])
     torch.testing.assert_close(w, w2, rtol=TOL[dtype], atol=TOL[dtype])
 
 

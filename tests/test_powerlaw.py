@@ -264,3 +264,42 @@ def test_plot(tmp_path):
     fig, ax2 = plt.subplots()
     assert power_law_fit(np.random.default_rng(0).exponential(size=200)).plot(ax=ax2) is ax2
     plt.close(fig)
+
+
+# ======================================================================================
+# the verdict (issue 18): undecided with too few values or a fit that misses λ₁
+# ======================================================================================
+
+
+def test_verdict_undecided_with_ten_eigenvalues():
+    from hesslab.analysis.powerlaw import MIN_K_TO_DECIDE
+
+    fit = power_law_fit(zipf(1.0, 10))
+    assert fit.is_power_law  # the KS test alone accepts (d_c = 0.43 at K = 10) ...
+    assert fit.verdict == "undecided"  # ... but cannot decide anything
+    assert f"K = 10 is too few" in fit.verdict_reason and str(MIN_K_TO_DECIDE) in fit.verdict_reason
+    assert f"{fit.ks_critical:.3g}" in fit.verdict_reason and f"{fit.ks_distance:.3g}" in fit.verdict_reason
+    # a linearly decaying spectrum of 10 values: accepted by KS, never a "power law"
+    lin = power_law_fit(np.linspace(1.0, 0.1, 10))
+    assert lin.is_power_law and lin.verdict == "undecided"
+    assert power_law_fit(np.linspace(1.0, 0.1, 40)).verdict == "not a power law"
+
+
+def test_verdict_power_law_and_lambda1_miss():
+    from hesslab.analysis.powerlaw import LAMBDA1_FACTOR
+
+    fit = power_law_fit(zipf(1.0, 60))
+    assert fit.verdict == "power law" and "KS test" in fit.verdict_reason
+    assert 1 / LAMBDA1_FACTOR < fit.lambda1_ratio < LAMBDA1_FACTOR
+    lam = zipf(1.0, 60)
+    lam[0] *= 4.0  # the top eigenvalue far above the line through the rest
+    miss = power_law_fit(lam)
+    assert miss.is_power_law and miss.verdict == "undecided"
+    assert "misses the largest eigenvalue" in miss.verdict_reason and miss.lambda1_ratio > LAMBDA1_FACTOR
+
+
+def test_verdict_survives_save_and_load(tmp_path):
+    fit = power_law_fit(zipf(1.0, 10))
+    fit.save(tmp_path / "fit")
+    back = PowerLawFit.load(tmp_path / "fit")
+    assert back.verdict == "undecided" and back.verdict_reason == fit.verdict_reason

@@ -199,3 +199,40 @@ def test_model_left_unchanged_save_load_plot(tmp_path):
     other = rank_report(models.mlp(hidden=(4,), seed=0), CE, models.classification_data(6, 4, 3, seed=0))
     other.plot().figure.savefig(tmp_path / "rank_report_other.png")
     plt.close("all")
+
+
+# ======================================================================================
+# the plot reads right (issue 18): the legend covers no bar label, integer rank ticks
+# ======================================================================================
+
+
+def test_rank_bars_legend_covers_no_label_and_ticks_are_integers():
+    from hesslab.report import plots
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4, bias=False), nn.Linear(4, 3, bias=False))
+    X = torch.randn(12, 6)
+    rep = rank_report(model, CE, (X, torch.randint(0, 3, (12,))))
+    fig = plots.rank_bars(rep)
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    renderer = fig.canvas.get_renderer()
+    legend = ax.get_legend().get_window_extent(renderer)
+    labels = [t for t in ax.texts if t.get_text()]  # the bar labels
+    assert labels
+    for t in labels:
+        assert not legend.overlaps(t.get_window_extent(renderer)), t.get_text()
+    ticks = [float(t) for t in ax.get_yticks()]
+    assert all(t == int(t) for t in ticks), ticks
+
+
+def test_count_axes_have_integer_ticks():
+    from hesslab.report import plots
+
+    rows = [{"hidden": h, "num_params": 10 * h, "ranks": {"H_L": h, "H_O": h, "H_F": 0},
+             "predicted": {"H_L": h, "H_O": h, "H_F": 0}} for h in (1, 2, 3)]
+    fig = plots.rank_sweep(rows, "sweep")
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    for ticks in (ax.get_xticks(), ax.get_yticks()):
+        assert all(float(t) == int(t) for t in ticks), ticks

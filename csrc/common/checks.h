@@ -2,13 +2,22 @@
 //
 // Each message names the op, the argument and what was expected, so that a user who
 // calls torch.ops.hesslab.* directly (bypassing hesslab/_ops.py) still learns what to
-// fix. Shape errors raise ValueError, dtype errors TypeError (TORCH_CHECK_VALUE/TYPE).
+// fix. Shape, device, layout and aliasing errors raise ValueError, dtype errors TypeError
+// (TORCH_CHECK_VALUE/TYPE). hesslab/_ops.py's fake (meta) kernels raise the same messages
+// with torch._check_value/_check_type, so a traced call fails the way an eager one does.
+//
+// Every tensor argument must be on the device of the op's first tensor (mixed devices,
+// meta included, are refused; a meta argument mixed with real ones reaches the fake
+// kernel, which applies the same rule). Arguments an op mutates must be contiguous (no
+// silent copy of a whole basis) and must not share memory with any other argument.
 #pragma once
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace hesslab {
@@ -42,6 +51,44 @@ inline void check_device(const at::Tensor& t, const at::Tensor& ref, const char*
                     t.device());
 }
 
+// A tensor the op writes in place: contiguous, so the kernel works on it directly.
+inline void check_mutated_contiguous(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK_VALUE(t.is_contiguous(), "hesslab.", op, ": argument '", name,
+                    "' is written in place and must be contiguous, got shape ", t.sizes(),
+                    " with strides ", t.strides(), "; pass ", name,
+                    ".contiguous() and read the result from that tensor");
+}
+
+// Byte range [begin, end) that t's elements span inside its storage (t.numel() > 0).
+inline std::pair<const char*, const char*> byte_span(const at::Tensor& t) {
+  const char* begin = static_cast<const char*>(t.const_data_ptr());
+  int64_t last = 0;
+  for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+  return {begin, begin + (last + 1) * static_cast<int64_t>(t.element_size())};
+}
+
+// Whether a and b may share memory: same storage and overlapping element ranges
+// (conservative for strided views whose elements interleave without touching).
+inline bool may_overlap(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0 || !a.has_storage() || !b.has_storage()) return false;
+  if (!a.storage().is_alias_of(b.storage())) return false;
+  const at::MemOverlapStatus status = at::get_overlap_status(a, b);
+  if (status == at::MemOverlapStatus::No) return false;
+  if (status != at::MemOverlapStatus::TooHard) return true;
+  const auto sa = byte_span(a), sb = byte_span(b);
+  return sa.first < sb.second && sb.first < sa.second;
+}
+
+// A mutated argument must not share memory with another argument (the kernels would
+// read what they are writing: a wrong alpha, or a "read only" basis changed).
+inline void check_no_overlap(const at::Tensor& mutated, const at::Tensor& other, const char* op,
+                             const char* name, const char* other_name) {
+  TORCH_CHECK_VALUE(!may_overlap(mutated, other), "hesslab.", op, ": argument '", name,
+                    "' is written in place and must not share memory with argument '",
+                    other_name, "'; pass a copy (", other_name, ".clone() or ", name,
+                    ".clone())");
+}
+
 // A basis Q (b, m, n) and vectors w (b, n) of the same dtype and device.
 inline void check_basis_and_vectors(const at::Tensor& Q, const at::Tensor& w, const char* op) {
   check_floating(Q, op, "Q");
@@ -69,6 +116,11 @@ inline void check_lanczos_step(const at::Tensor& Q, const at::Tensor& w,
                     ": argument 'beta_prev' must have shape (b,) = (", Q.size(0), ",), got ",
                     beta_prev.sizes());
   check_device(beta_prev, Q, op, "beta_prev", "Q");
+  check_mutated_contiguous(Q, op, "Q");
+  check_mutated_contiguous(w, op, "w");
+  check_no_overlap(w, Q, op, "w", "Q");
+  check_no_overlap(Q, beta_prev, op, "Q", "beta_prev");
+  check_no_overlap(w, beta_prev, op, "w", "beta_prev");
 }
 
 // reorthogonalize_(Q (b,m,n), w (b,n), j in [0, m]).
@@ -77,6 +129,8 @@ inline void check_reorthogonalize(const at::Tensor& Q, const at::Tensor& w, int6
   check_basis_and_vectors(Q, w, op);
   TORCH_CHECK_VALUE(j >= 0 && j <= Q.size(1), "hesslab.", op,
                     ": argument 'j' must satisfy 0 <= j <= m = ", Q.size(1), ", got ", j);
+  check_mutated_contiguous(w, op, "w");
+  check_no_overlap(w, Q, op, "w", "Q");
 }
 
 // Grouped Kronecker factors: A[l] (in_l, in_l), B[l] (out_l, out_l); V (b, N) with

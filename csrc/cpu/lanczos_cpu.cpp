@@ -1,25 +1,15 @@
 // CPU kernels of the Lanczos family: lanczos_step_ and reorthogonalize_.
 //
-// Algorithm (both ops): classical Gram–Schmidt applied twice (CGS2) of w against rows of
-// the Krylov basis Q, for b independent runs at once, in up to three sweeps over the rows:
-//   (1) d = Q w                      (and ||w||^2)
-//   (2) w -= Q^T d, then c = Q w     (fused per tile, while the tile of Q is in cache; and ||w||^2)
-//   (3) w -= Q^T c                   (and ||w||^2), only for runs that need it
-// Sweep (3) is skipped for run i when ||c_i|| <= eps ||w_i|| (eps: the storage type's
-// machine epsilon): c_i / ||w_i|| is exactly the new vector's inner products with the
-// basis, so w is then already orthogonal to working precision and the second update could
-// not change its stored value by more than rounding. With float64 accumulation a float32
-// basis almost always skips it (one pass leaves ~1e-10); a float64 basis usually does not.
-// lanczos_step_ runs them against rows 0..j of w = A q_j. The three-term recurrence
-// w -= alpha q_j + beta_prev q_{j-1} is the part of sweep (2) along rows j and j-1:
-// d_j = <w, q_j> is alpha's first term and d_{j-1} equals beta_prev up to rounding, so
-// subtracting Q^T d does the recurrence and the first reorthogonalization in one pass
-// (identical in exact arithmetic to the contract in csrc/hesslab.cpp). alpha = d_j + c_j;
-// beta = ||w||; Q[:, j+1] = w / beta. At most three sweeps over Q instead of four, usually
-// two for float32 bases.
+// Algorithm: the Gram–Schmidt plan of common/gram_schmidt_plan.h (CGS2 in up to three
+// sweeps over the rows of the Krylov basis, the second update skipped where the first
+// already reached working precision; alpha, beta, breakdown and the next row assembled by
+// the plan's functions), for b independent runs at once. Sweep 2's update and dots are
+// fused per tile of kTile entries, while the tile of every row is in cache, so Q is read
+// two or three times per call.
 //
-// Layout: Q is (b, m, n) contiguous, w is (b, n) contiguous, storage float or double.
-// Every inner product and every correction sum_r c_r q_r is accumulated in double,
+// Layout: Q is (b, m, n) contiguous, w is (b, n) contiguous (both are mutated in place, so
+// the adapter refuses non-contiguous ones instead of copying them), storage float or
+// double. Every inner product and every correction sum_r c_r q_r is accumulated in double,
 // whatever the storage type: this is the accuracy edge over a float32 GEMM.
 //
 // Parallel mapping: a run's n entries are cut into fixed segments (independent of the
@@ -28,7 +18,7 @@
 // added up afterwards in a fixed order.
 //
 // Reference: hesslab/reference.py (lanczos_step, reorthogonalize) with float64
-// accumulation must agree to rounding.
+// accumulation must agree to rounding; cuda/lanczos_kernels.cu follows the same plan.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -43,6 +33,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/gram_schmidt_plan.h"
 
 namespace hesslab {
 namespace {
@@ -111,65 +102,55 @@ void sweep(const T* Q, int64_t m, int64_t rows, T* w, int64_t b, int64_t n, cons
     }
 }
 
-// CGS2 of w against rows [0, rows), the second update only where needed (see the top):
-// coeff (b, rows) gets the coefficients applied; norm2_in / norm2_out (b,) get ||w||^2
-// before and after, when not null.
+// The plan's sweeps 1-3 (common/gram_schmidt_plan.h) against rows [0, rows): coeff (b, rows)
+// gets the coefficients applied; norm2_in / norm2_out (b,) get ||w||^2 before and after,
+// when not null.
 template <typename T>
 void cgs2(const T* Q, int64_t m, int64_t rows, T* w, int64_t b, int64_t n, double* coeff, double* norm2_in,
           double* norm2_out) {
   std::vector<double> d(static_cast<size_t>(b * rows)), c(static_cast<size_t>(b * rows)), mid(b), out(b);
-  sweep(Q, m, rows, w, b, n, nullptr, d.data(), norm2_in);
-  sweep(Q, m, rows, w, b, n, d.data(), c.data(), mid.data());
+  sweep(Q, m, rows, w, b, n, nullptr, d.data(), norm2_in);    // sweep 1
+  sweep(Q, m, rows, w, b, n, d.data(), c.data(), mid.data());  // sweep 2
   const double eps = std::numeric_limits<T>::epsilon();
   std::unique_ptr<bool[]> again(new bool[b]);
   bool any = false;
   for (int64_t i = 0; i < b; ++i) {
     double c2 = 0;
     for (int64_t r = 0; r < rows; ++r) c2 += c[i * rows + r] * c[i * rows + r];
-    again[i] = !(c2 <= eps * eps * mid[i]);  // NaN goes through the second pass too
+    again[i] = plan::second_update_needed(c2, mid[i], eps);
     any = any || again[i];
     out[i] = mid[i];
   }
-  if (any) sweep(Q, m, rows, w, b, n, c.data(), nullptr, out.data(), again.get());
+  if (any) sweep(Q, m, rows, w, b, n, c.data(), nullptr, out.data(), again.get());  // sweep 3
   for (int64_t i = 0; i < b; ++i) {
-    for (int64_t r = 0; r < rows; ++r) coeff[i * rows + r] = d[i * rows + r] + (again[i] ? c[i * rows + r] : 0.0);
-    if (norm2_out != nullptr) norm2_out[i] = out[i];
+    for (int64_t r = 0; r < rows; ++r)
+      coeff[i * rows + r] = plan::coefficient(d[i * rows + r], c[i * rows + r], again[i]);
+    if (norm2_out != nullptr) norm2_out[i] = plan::final_norm2(again[i], mid[i], out[i]);
   }
 }
 
 template <typename T>
 void lanczos_step_kernel(T* Q, T* w, const double* beta_prev, int64_t b, int64_t m, int64_t n, int64_t j,
                          double tol, double* alpha, double* beta, bool* breakdown) {
-  std::vector<double> coeff(static_cast<size_t>(b * (j + 1))), nw2(b), bw2(b);
-  cgs2(Q, m, j + 1, w, b, n, coeff.data(), nw2.data(), bw2.data());
+  const int64_t rows = plan::step_rows(j);
+  std::vector<double> coeff(static_cast<size_t>(b * rows)), nw2(b), bw2(b);
+  cgs2(Q, m, rows, w, b, n, coeff.data(), nw2.data(), bw2.data());
+  std::vector<double> scale(b);
   for (int64_t i = 0; i < b; ++i) {
-    alpha[i] = coeff[i * (j + 1) + j];
+    alpha[i] = coeff[i * rows + j];
     beta[i] = std::sqrt(bw2[i]);
-    breakdown[i] = beta[i] <= tol * (std::sqrt(nw2[i]) + (j > 0 ? std::abs(beta_prev[i]) : 0.0));
+    breakdown[i] = plan::is_breakdown(beta[i], nw2[i], beta_prev[i], j, tol);
+    scale[i] = plan::next_row_scale(beta[i], breakdown[i]);
   }
   if (j + 1 >= m) return;
   at::parallel_for(0, b, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       T* next = Q + i * m * n + (j + 1) * n;
       const T* wi = w + i * n;
-      if (breakdown[i]) {
-        std::fill(next, next + n, T(0));
-      } else {
-        const double inv = 1.0 / beta[i];
-        for (int64_t x = 0; x < n; ++x) next[x] = static_cast<T>(static_cast<double>(wi[x]) * inv);
-      }
+      const double s = scale[i];
+      for (int64_t x = 0; x < n; ++x) next[x] = static_cast<T>(plan::next_row_entry(static_cast<double>(wi[x]), s));
     }
   });
-}
-
-// Runs `body(Qc, wc)` on contiguous tensors and copies the results back into the
-// caller's (possibly strided) Q and w, which the ops mutate in place.
-template <typename F>
-void with_contiguous(const at::Tensor& Q, const at::Tensor& w, bool write_q, F body) {
-  at::Tensor Qc = Q.contiguous(), wc = w.contiguous();
-  body(Qc, wc);
-  if (write_q && !Qc.is_same(Q)) Q.copy_(Qc);
-  if (!wc.is_same(w)) w.copy_(wc);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lanczos_step_cpu(const at::Tensor& Q, const at::Tensor& w,
@@ -180,13 +161,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lanczos_step_cpu(const at::Tensor
   auto f64 = at::TensorOptions().dtype(at::kDouble);
   at::Tensor alpha = at::empty({b}, f64), beta = at::empty({b}, f64);
   at::Tensor breakdown = at::empty({b}, at::TensorOptions().dtype(at::kBool));
-  at::Tensor bp = beta_prev.contiguous();
-  with_contiguous(Q, w, true, [&](at::Tensor& Qc, at::Tensor& wc) {
-    AT_DISPATCH_FLOATING_TYPES(Q.scalar_type(), "lanczos_step_cpu", [&] {
-      lanczos_step_kernel<scalar_t>(Qc.data_ptr<scalar_t>(), wc.data_ptr<scalar_t>(), bp.data_ptr<double>(), b,
-                                    m, n, j, tol, alpha.data_ptr<double>(), beta.data_ptr<double>(),
-                                    breakdown.data_ptr<bool>());
-    });
+  const at::Tensor bp = beta_prev.contiguous();  // read only: a copy is fine
+  AT_DISPATCH_FLOATING_TYPES(Q.scalar_type(), "lanczos_step_cpu", [&] {
+    lanczos_step_kernel<scalar_t>(Q.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), bp.data_ptr<double>(), b, m, n,
+                                  j, tol, alpha.data_ptr<double>(), beta.data_ptr<double>(),
+                                  breakdown.data_ptr<bool>());
   });
   return {alpha, beta, breakdown};
 }
@@ -195,11 +174,10 @@ at::Tensor reorthogonalize_cpu(const at::Tensor& Q, const at::Tensor& w, int64_t
   check_reorthogonalize(Q, w, j);
   const int64_t b = Q.size(0), m = Q.size(1), n = Q.size(2);
   at::Tensor coeff = at::zeros({b, j}, at::TensorOptions().dtype(at::kDouble));
-  with_contiguous(Q, w, false, [&](at::Tensor& Qc, at::Tensor& wc) {
-    AT_DISPATCH_FLOATING_TYPES(Q.scalar_type(), "reorthogonalize_cpu", [&] {
-      cgs2<scalar_t>(Qc.data_ptr<scalar_t>(), m, j, wc.data_ptr<scalar_t>(), b, n, coeff.data_ptr<double>(), nullptr,
-                     nullptr);
-    });
+  const at::Tensor Qc = Q.contiguous();  // read only: a copy is fine
+  AT_DISPATCH_FLOATING_TYPES(Q.scalar_type(), "reorthogonalize_cpu", [&] {
+    cgs2<scalar_t>(Qc.data_ptr<scalar_t>(), m, plan::reorthogonalize_rows(j), w.data_ptr<scalar_t>(), b, n,
+                   coeff.data_ptr<double>(), nullptr, nullptr);
   });
   return coeff;
 }

@@ -1,10 +1,11 @@
 // CUDA backend of lanczos_step_ and reorthogonalize_: the torch adapter.
 //
-// Checks the arguments (common/checks.h plus "is a CUDA tensor"), makes the inputs
-// contiguous (Q and w are mutated in place: a non-contiguous one is computed on a
-// contiguous copy and copied back), allocates outputs and the float64 workspace on Q's
-// device and calls the raw-pointer launchers of lanczos_kernels.cu on the current stream.
-// Nothing here synchronises the host.
+// Checks the arguments (common/checks.h plus "is a CUDA tensor": the mutated Q and w must
+// be contiguous and must not share memory with another argument; they are refused, not
+// copied), makes the read-only inputs contiguous, allocates outputs and the float64
+// workspace on Q's device (under a device guard, so a tensor on cuda:1 works while cuda:0
+// is current) and calls the raw-pointer launchers of lanczos_kernels.cu on the current
+// stream. Nothing here synchronises the host.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -47,26 +48,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lanczos_step_op(const at::Tensor&
   if (b == 0) {
     return {alpha, beta, breakdown};
   }
-  const at::Tensor Qc = Q.contiguous();
-  const at::Tensor wc = w.contiguous();
   const at::Tensor beta_prev_c = beta_prev.contiguous();
   const at::Tensor workspace =
-      at::empty({hesslab::cuda::lanczos_step_workspace_size(b, j)}, f64);
+      at::empty({hesslab::cuda::lanczos_step_workspace_size(b, j, Q.size(2))}, f64);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const cudaError_t err =
       Q.scalar_type() == at::kDouble
-          ? launch_lanczos_step<double>(Qc, wc, beta_prev_c, j, tol, alpha, beta, breakdown,
+          ? launch_lanczos_step<double>(Q, w, beta_prev_c, j, tol, alpha, beta, breakdown,
                                         workspace, stream)
-          : launch_lanczos_step<float>(Qc, wc, beta_prev_c, j, tol, alpha, beta, breakdown,
+          : launch_lanczos_step<float>(Q, w, beta_prev_c, j, tol, alpha, beta, breakdown,
                                        workspace, stream);
   TORCH_CHECK(err == cudaSuccess, "hesslab.lanczos_step_: CUDA kernel launch failed: ",
               cudaGetErrorString(err));
-  if (!Qc.is_same(Q)) {
-    Q.copy_(Qc);
-  }
-  if (!wc.is_same(w)) {
-    w.copy_(wc);
-  }
   return {alpha, beta, breakdown};
 }
 
@@ -91,20 +84,16 @@ at::Tensor reorthogonalize_op(const at::Tensor& Q, const at::Tensor& w, int64_t 
   if (b == 0 || j == 0) {
     return coeffs;
   }
-  const at::Tensor Qc = Q.contiguous();
-  const at::Tensor wc = w.contiguous();
+  const at::Tensor Qc = Q.contiguous();  // read only: a copy is fine
   const at::Tensor workspace =
-      at::empty({hesslab::cuda::reorthogonalize_workspace_size(b, j)}, f64);
+      at::empty({hesslab::cuda::reorthogonalize_workspace_size(b, j, Q.size(2))}, f64);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const cudaError_t err =
       Q.scalar_type() == at::kDouble
-          ? launch_reorthogonalize<double>(Qc, wc, j, coeffs, workspace, stream)
-          : launch_reorthogonalize<float>(Qc, wc, j, coeffs, workspace, stream);
+          ? launch_reorthogonalize<double>(Qc, w, j, coeffs, workspace, stream)
+          : launch_reorthogonalize<float>(Qc, w, j, coeffs, workspace, stream);
   TORCH_CHECK(err == cudaSuccess, "hesslab.reorthogonalize_: CUDA kernel launch failed: ",
               cudaGetErrorString(err));
-  if (!wc.is_same(w)) {
-    w.copy_(wc);
-  }
   return coeffs;
 }
 

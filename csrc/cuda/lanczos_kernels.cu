@@ -1,30 +1,36 @@
 // CUDA kernels of lanczos_step_ and reorthogonalize_ (plain CUDA, no torch).
 //
-// Must match hesslab/reference.py. For each run i independently, with every inner
-// product and norm accumulated in float64 whatever the storage dtype T:
-//   lanczos_step_:    a0 = <w, q_j>, nw = ||w||;  w -= a0 q_j + beta_prev[i] q_{j-1} (j > 0);
-//                     two classical Gram-Schmidt passes against q_0..q_j (c = Q w; w -= Q^T c),
-//                     the second update only where ||c(pass 2)|| > eps ||w|| (eps: T's machine
-//                     epsilon; elsewhere w is already orthogonal to working precision and
-//                     c(pass 2) counts as 0); alpha = a0 + c_j(pass 1) + c_j(pass 2); beta = ||w||;
-//                     breakdown = beta <= tol * (nw + |beta_prev|); Q[i, j+1] = breakdown ? 0 : w / beta
-//                     when j + 1 < m. w keeps the unnormalised residual.
-//   reorthogonalize_: the two passes against q_0..q_{j-1} (the second as above); returns
-//                     c(pass 1) + c(pass 2). The CPU kernel applies the same rule.
+// Algorithm: the Gram–Schmidt plan of common/gram_schmidt_plan.h, the same sequence of
+// sweeps and the same scalar formulas (alpha, beta, breakdown, skip rule, next row) as
+// cpu/lanczos_cpu.cpp; must match hesslab/reference.py to rounding. For each run i
+// independently, every inner product and norm accumulated in float64 whatever the
+// storage dtype T:
+//   sweep 1: d = Q_R w, ||w||^2                                       (launch_sums)
+//   sweep 2: w -= Q_R^T d (subtract_rows_kernel); c = Q_R w, ||w||^2  (launch_sums)
+//   skip:    again = plan::second_update_needed (skip_rule_kernel)
+//   sweep 3: w -= Q_R^T c where again (masked subtract_rows_kernel); ||w||^2
+//   lanczos_step_: step_scalars_kernel (alpha, beta, breakdown, the next row's scale),
+//                  normalize_kernel writes Q[:, j+1]; reorthogonalize_: coefficient_kernel.
+// Q_R is read three times per call (four when some run takes the second update), plus
+// small reads of w; 12-14 launches, no host synchronisation.
 //
 // Memory layout: Q (b, m, n) row-major, row r of run i at Q + i*m*n + r*n; w (b, n);
-// coefficients (b, rows) row-major in a float64 workspace zeroed with cudaMemsetAsync.
+// coefficients (b, rows) row-major; every float64 intermediate lives in one workspace
+// (see Workspace) that the adapter allocates.
 //
-// The ops are bandwidth-bound; each Gram-Schmidt pass is two kernels:
-//   dot_rows_kernel: grid (x: <= 1024 blocks striding over n, y: runs), 256 threads.
-//     Rows are taken kRowTile at a time so that w is read once per tile; each thread
-//     accumulates its strided elements in float64 registers, the block reduces them
-//     (warp shuffles + shared memory) and thread 0 atomicAdds the block's partial sum
-//     into the zeroed coefficient (atomicAdd on double: sm_60+).
+// Thread/block mapping: grid-stride kernels use a grid (x: G = min(ceil(n / 256), 1024)
+// blocks striding over n, y: min(b, 65535) blocks striding over the runs) of 256 threads.
+//   dot_rows_kernel: rows are taken kRowTile at a time so that w is read once per tile;
+//     each thread accumulates its strided elements in float64 registers, the block reduces
+//     them (warp shuffles + shared memory) and thread 0 stores the block's partial sum in
+//     its own slot partial[blockIdx.x][output]; finalize_kernel (one warp per output) then
+//     adds the G partial sums in a fixed order. No atomics: for a given n (hence G) every
+//     sum is formed in the same order on every call, so the ops are bitwise deterministic
+//     run to run on one GPU model and build (they still differ from the CPU kernel, which
+//     adds in another fixed order, by rounding).
 //   subtract_rows_kernel: same grid; thread x of run i computes
 //     w[i, x] -= sum_r c[i, r] Q[i, r, x] in float64, coalesced over x for every row r.
-// Norms are dot_rows_kernel with w as its own single "row". The per-run scalar logic
-// (alpha, beta, breakdown) is one thread per run; normalize_kernel writes Q[:, j+1].
+// Per-run scalar logic (skip rule, alpha, beta, breakdown) is one thread per run.
 // All indexing is int64_t (n up to 1e8, b*m*n beyond 2^31).
 #include "lanczos_kernels.h"
 
@@ -33,6 +39,7 @@
 #include <cstdint>
 #include <limits>
 
+#include "common/gram_schmidt_plan.h"
 #include "cuda_utils.cuh"
 
 namespace hesslab {
@@ -69,13 +76,15 @@ __device__ double block_reduce_sum(double v) {
   return v;
 }
 
-// c[i*ldc + r] += <X[i*x_run + r*x_row, 0:n], w[i, 0:n]> for r < rows, i < b (float64).
-// c must be zeroed beforehand; X may alias w (squared norms: X = w, rows = 1).
+// partial[blockIdx.x * ldp + col0 + i*rows + r] = this block's share of
+// <X[i*x_run + r*x_row, 0:n], w[i, 0:n]> for r < rows, i < b (float64). X may alias w
+// (squared norms: X = w, x_row = 0, rows = 1).
 template <typename T>
 __global__ void __launch_bounds__(kBlockThreads)
     dot_rows_kernel(const T* X, int64_t x_run, int64_t x_row, int64_t rows, const T* w,
-                    int64_t b, int64_t n, double* c, int64_t ldc) {
+                    int64_t b, int64_t n, double* partial, int64_t ldp, int64_t col0) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  double* slot = partial + static_cast<int64_t>(blockIdx.x) * ldp + col0;
   for (int64_t i = blockIdx.y; i < b; i += gridDim.y) {
     const T* Xi = X + i * x_run;
     const T* wi = w + i * n;
@@ -102,11 +111,30 @@ __global__ void __launch_bounds__(kBlockThreads)
         if (k < tile) {
           const double sum = block_reduce_sum(acc[k]);
           if (threadIdx.x == 0) {
-            atomicAdd(&c[i * ldc + r0 + k], sum);
+            slot[i * rows + r0 + k] = sum;
           }
         }
       }
     }
+  }
+}
+
+// out[o] = sum_{g < G} partial[g * count + o] for o < count, one warp per output: lane l
+// adds g = l, l + 32, ... in order, then the warp's fixed shuffle tree. Deterministic.
+__global__ void __launch_bounds__(kBlockThreads)
+    finalize_kernel(const double* partial, int64_t G, int64_t count, double* out) {
+  const int64_t o = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  if (o >= count) {
+    return;  // warp-uniform: o is the same for the 32 lanes of a warp
+  }
+  const int lane = threadIdx.x & 31;
+  double s = 0.0;
+  for (int64_t g = lane; g < G; g += 32) {
+    s += partial[g * count + o];
+  }
+  s = warp_reduce_sum(s);
+  if (lane == 0) {
+    out[o] = s;
   }
 }
 
@@ -135,107 +163,61 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
 }
 
-// Float64 workspace of lanczos_step_cuda, carved from one zeroed buffer.
-struct StepWorkspace {
-  double* w_norm2;  // (b,)      ||w_in||^2
-  double* first;    // (b, 2)    [beta_prev, a0]: coefficients of q_{j-1}, q_j
-  double* pass1;    // (b, j+1)  Gram-Schmidt coefficients, pass 1
-  double* pass2;    // (b, j+1)  pass 2
-  double* mid2;     // (b,)      ||w||^2 after the first pass
-  bool* again;      // (b,)      second update needed (carved from b doubles)
-  double* beta2;    // (b,)      ||w_out||^2
+// Float64 workspace, carved from one buffer: sums of sweeps 1, 2 (dots then norms, the
+// layout launch_sums writes) and 3, the skip flags, the next row's scale and the partial
+// sums of the two-stage reductions. The partial sums take G * b * (rows + 1) doubles with
+// G <= n / 256: at most ~1% of the basis' own bytes (2 (rows + 1) / (256 m) of a float32 Q).
+struct Workspace {
+  double* s1;       // (b*rows + b)  d, then ||w_in||^2
+  double* s2;       // (b*rows + b)  c, then ||w||^2 after sweep 2
+  double* s3;       // (b,)          ||w||^2 after sweep 3
+  double* scale;    // (b,)          plan::next_row_scale (lanczos_step_)
+  bool* again;      // (b,)          plan::second_update_needed (carved from b doubles)
+  double* partial;  // (G * (b*rows + b))
 };
 
-StepWorkspace step_workspace(double* base, int64_t b, int64_t j) {
-  StepWorkspace ws;
-  ws.w_norm2 = base;
-  ws.first = ws.w_norm2 + b;
-  ws.pass1 = ws.first + 2 * b;
-  ws.pass2 = ws.pass1 + b * (j + 1);
-  ws.mid2 = ws.pass2 + b * (j + 1);
-  ws.again = reinterpret_cast<bool*>(ws.mid2 + b);
-  ws.beta2 = ws.mid2 + 2 * b;
+int64_t partial_blocks(int64_t n) { return n > 0 ? stride_blocks(n) : 0; }
+
+int64_t workspace_size(int64_t b, int64_t rows, int64_t n) {
+  return 2 * (b * rows + b) + 3 * b + partial_blocks(n) * (b * rows + b);
+}
+
+Workspace carve(double* base, int64_t b, int64_t rows) {
+  Workspace ws;
+  ws.s1 = base;
+  ws.s2 = ws.s1 + b * rows + b;
+  ws.s3 = ws.s2 + b * rows + b;
+  ws.scale = ws.s3 + b;
+  ws.again = reinterpret_cast<bool*>(ws.scale + b);
+  ws.partial = ws.scale + 2 * b;
   return ws;
-}
-
-// One thread per run: alpha, beta and breakdown from the accumulated sums.
-__global__ void __launch_bounds__(kBlockThreads)
-    step_scalars_kernel(StepWorkspace ws, const double* beta_prev, int64_t b, int64_t j, double tol,
-                        double* alpha, double* beta, bool* breakdown) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= b) {
-    return;
-  }
-  const int64_t ld = j + 1;
-  alpha[i] = ws.first[2 * i + 1] + ws.pass1[i * ld + j] + ws.pass2[i * ld + j];
-  const double beta_i = sqrt(ws.beta2[i]);
-  beta[i] = beta_i;
-  const double scale = sqrt(ws.w_norm2[i]) + (j > 0 ? fabs(beta_prev[i]) : 0.0);
-  breakdown[i] = beta_i <= tol * scale;
-}
-
-// q_next[i*q_run + x] = w[i, x] / beta[i], or 0 on breakdown (or beta not > 0, so that
-// the row is never NaN/Inf even for tol < 0).
-template <typename T>
-__global__ void __launch_bounds__(kBlockThreads)
-    normalize_kernel(const T* w, const double* beta, const bool* breakdown, T* q_next,
-                     int64_t q_run, int64_t b, int64_t n) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = blockIdx.y; i < b; i += gridDim.y) {
-    const double beta_i = beta[i];
-    const bool zero = breakdown[i] || !(beta_i > 0.0);
-    const T* wi = w + i * n;
-    T* qi = q_next + i * q_run;
-    for (int64_t x = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; x < n;
-         x += stride) {
-      qi[x] = zero ? T(0) : static_cast<T>(static_cast<double>(wi[x]) / beta_i);
-    }
-  }
-}
-
-// One thread per run: again[i] = ||c_i|| > eps ||w_i|| (||w_i||^2 in norm2); where not,
-// c_i is zeroed (the update it stands for is not applied).
-__global__ void __launch_bounds__(kBlockThreads)
-    second_update_kernel(double* c, const double* norm2, int64_t rows, int64_t b, double eps,
-                         bool* again) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= b) {
-    return;
-  }
-  double c2 = 0.0;
-  for (int64_t r = 0; r < rows; ++r) {
-    c2 += c[i * rows + r] * c[i * rows + r];
-  }
-  const bool needed = !(c2 <= eps * eps * norm2[i]);  // NaN takes the second update too
-  again[i] = needed;
-  if (!needed) {
-    for (int64_t r = 0; r < rows; ++r) {
-      c[i * rows + r] = 0.0;
-    }
-  }
-}
-
-// out[e] = a[e] + b[e] for e < count.
-__global__ void __launch_bounds__(kBlockThreads)
-    add_kernel(const double* a, const double* b, double* out, int64_t count) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < count;
-       e += stride) {
-    out[e] = a[e] + b[e];
-  }
 }
 
 dim3 run_grid(int64_t b, int64_t n) { return dim3(stride_blocks(n), stride_blocks_y(b)); }
 
-// Launches dot_rows_kernel (see there); nothing to do when a dimension is empty.
+unsigned int warp_blocks(int64_t count) {
+  return static_cast<unsigned int>(ceil_div(count * 32, kBlockThreads));
+}
+
+// out[0 : b*rows] = Q_R w (row-major (b, rows)), out[b*rows : b*rows + b] = ||w||^2, by
+// the two-stage reduction (see the top). Zeros when n == 0.
 template <typename T>
-cudaError_t launch_dots(const T* X, int64_t x_run, int64_t x_row, int64_t rows, const T* w,
-                        int64_t b, int64_t n, double* c, int64_t ldc, cudaStream_t stream) {
-  if (rows == 0 || n == 0) {
-    return cudaSuccess;
+cudaError_t launch_sums(const T* Q, int64_t m, int64_t rows, const T* w, int64_t b, int64_t n,
+                        double* partial, double* out, cudaStream_t stream) {
+  const int64_t count = b * rows + b;
+  if (n == 0) {
+    return cudaMemsetAsync(out, 0, count * sizeof(double), stream);
   }
-  dot_rows_kernel<T><<<run_grid(b, n), kBlockThreads, 0, stream>>>(X, x_run, x_row, rows, w, b,
-                                                                    n, c, ldc);
+  if (rows > 0) {
+    dot_rows_kernel<T><<<run_grid(b, n), kBlockThreads, 0, stream>>>(Q, m * n, n, rows, w, b, n,
+                                                                      partial, count, 0);
+    HESSLAB_CUDA_TRY(cudaGetLastError());
+  }
+  dot_rows_kernel<T><<<run_grid(b, n), kBlockThreads, 0, stream>>>(w, n, 0, 1, w, b, n, partial,
+                                                                    count, b * rows);
+  HESSLAB_CUDA_TRY(cudaGetLastError());
+  finalize_kernel<<<warp_blocks(count), kBlockThreads, 0, stream>>>(partial, partial_blocks(n),
+                                                                    count, out);
   return cudaGetLastError();
 }
 
@@ -252,28 +234,88 @@ cudaError_t launch_subtract(const T* Q, int64_t q_run, int64_t rows, const doubl
   return cudaGetLastError();
 }
 
-// CGS2 of w against rows 0..rows-1 of Q (m rows per run), into zeroed c1, c2 (b, rows) and
-// mid2 (b,): c1 = Q w, w -= Q^T c1; c2 = Q w and mid2 = ||w||^2; then w -= Q^T c2 only for
-// the runs that need it (see the top; c2 is zeroed for the others).
-template <typename T>
-cudaError_t cgs2(const T* Q, int64_t m, int64_t rows, T* w, int64_t b, int64_t n, double* c1,
-                 double* c2, double* mid2, bool* again, cudaStream_t stream) {
-  if (rows == 0 || n == 0) {
-    return cudaSuccess;
+// One thread per run: again[i] = plan::second_update_needed(||c_i||^2, ||w_i||^2, eps).
+__global__ void __launch_bounds__(kBlockThreads)
+    skip_rule_kernel(const double* c, const double* norm2, int64_t rows, int64_t b, double eps,
+                     bool* again) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= b) {
+    return;
   }
-  HESSLAB_CUDA_TRY(launch_dots<T>(Q, m * n, n, rows, w, b, n, c1, rows, stream));
-  HESSLAB_CUDA_TRY(launch_subtract<T>(Q, m * n, rows, c1, rows, w, b, n, stream));
-  HESSLAB_CUDA_TRY(launch_dots<T>(Q, m * n, n, rows, w, b, n, c2, rows, stream));
-  HESSLAB_CUDA_TRY(launch_dots<T>(w, n, 0, 1, w, b, n, mid2, 1, stream));
-  second_update_kernel<<<static_cast<unsigned int>(ceil_div(b, kBlockThreads)), kBlockThreads, 0,
-                         stream>>>(c2, mid2, rows, b, std::numeric_limits<T>::epsilon(), again);
+  double c2 = 0.0;
+  for (int64_t r = 0; r < rows; ++r) {
+    c2 += c[i * rows + r] * c[i * rows + r];
+  }
+  again[i] = plan::second_update_needed(c2, norm2[i], eps);
+}
+
+// The plan's sweeps 1-3 against rows 0..rows-1 of Q (m rows per run, rows > 0, b > 0).
+template <typename T>
+cudaError_t cgs2(const T* Q, int64_t m, int64_t rows, T* w, int64_t b, int64_t n,
+                 const Workspace& ws, cudaStream_t stream) {
+  HESSLAB_CUDA_TRY(launch_sums<T>(Q, m, rows, w, b, n, ws.partial, ws.s1, stream));  // sweep 1
+  HESSLAB_CUDA_TRY(launch_subtract<T>(Q, m * n, rows, ws.s1, rows, w, b, n, stream));  // sweep 2
+  HESSLAB_CUDA_TRY(launch_sums<T>(Q, m, rows, w, b, n, ws.partial, ws.s2, stream));
+  skip_rule_kernel<<<static_cast<unsigned int>(ceil_div(b, kBlockThreads)), kBlockThreads, 0,
+                     stream>>>(ws.s2, ws.s2 + b * rows, rows, b,
+                               std::numeric_limits<T>::epsilon(), ws.again);
   HESSLAB_CUDA_TRY(cudaGetLastError());
-  return launch_subtract<T>(Q, m * n, rows, c2, rows, w, b, n, stream, again);
+  HESSLAB_CUDA_TRY(
+      launch_subtract<T>(Q, m * n, rows, ws.s2, rows, w, b, n, stream, ws.again));  // sweep 3
+  return launch_sums<T>(Q, m, 0, w, b, n, ws.partial, ws.s3, stream);
+}
+
+// One thread per run: alpha, beta, breakdown and the next row's scale, by the plan.
+__global__ void __launch_bounds__(kBlockThreads)
+    step_scalars_kernel(Workspace ws, const double* beta_prev, int64_t b, int64_t j, double tol,
+                        double* alpha, double* beta, bool* breakdown) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= b) {
+    return;
+  }
+  const int64_t rows = plan::step_rows(j);
+  const bool again = ws.again[i];
+  alpha[i] = plan::coefficient(ws.s1[i * rows + j], ws.s2[i * rows + j], again);
+  const double beta_i = sqrt(plan::final_norm2(again, ws.s2[b * rows + i], ws.s3[i]));
+  const bool broke = plan::is_breakdown(beta_i, ws.s1[b * rows + i], beta_prev[i], j, tol);
+  beta[i] = beta_i;
+  breakdown[i] = broke;
+  ws.scale[i] = plan::next_row_scale(beta_i, broke);
+}
+
+// q_next[i*q_run + x] = plan::next_row_entry(w[i, x], scale[i]) (0 on breakdown: see the plan).
+template <typename T>
+__global__ void __launch_bounds__(kBlockThreads)
+    normalize_kernel(const T* w, const double* scale, T* q_next, int64_t q_run, int64_t b,
+                     int64_t n) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = blockIdx.y; i < b; i += gridDim.y) {
+    const double s = scale[i];
+    const T* wi = w + i * n;
+    T* qi = q_next + i * q_run;
+    for (int64_t x = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; x < n;
+         x += stride) {
+      qi[x] = static_cast<T>(plan::next_row_entry(static_cast<double>(wi[x]), s));
+    }
+  }
+}
+
+// coeffs[e] = plan::coefficient(d[e], c[e], again[e / rows]) for e < b * rows.
+__global__ void __launch_bounds__(kBlockThreads)
+    coefficient_kernel(const double* d, const double* c, const bool* again, int64_t rows,
+                       int64_t count, double* coeffs) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < count;
+       e += stride) {
+    coeffs[e] = plan::coefficient(d[e], c[e], again[e / rows]);
+  }
 }
 
 }  // namespace
 
-int64_t lanczos_step_workspace_size(int64_t b, int64_t j) { return b * (2 * (j + 1) + 6); }
+int64_t lanczos_step_workspace_size(int64_t b, int64_t j, int64_t n) {
+  return workspace_size(b, plan::step_rows(j), n);
+}
 
 template <typename T>
 cudaError_t lanczos_step_cuda(T* Q, T* w, const double* beta_prev, int64_t b, int64_t m,
@@ -282,53 +324,35 @@ cudaError_t lanczos_step_cuda(T* Q, T* w, const double* beta_prev, int64_t b, in
   if (b == 0) {
     return cudaSuccess;
   }
-  const StepWorkspace ws = step_workspace(workspace, b, j);
-  HESSLAB_CUDA_TRY(cudaMemsetAsync(workspace, 0,
-                                   lanczos_step_workspace_size(b, j) * sizeof(double), stream));
-  const int64_t run = m * n;
-  const T* q_j = Q + j * n;
-  // ||w_in||^2 and a0 = <w, q_j> (into first[2i + 1]).
-  HESSLAB_CUDA_TRY(launch_dots<T>(w, n, 0, 1, w, b, n, ws.w_norm2, 1, stream));
-  HESSLAB_CUDA_TRY(launch_dots<T>(q_j, run, n, 1, w, b, n, ws.first + 1, 2, stream));
-  // w -= beta_prev q_{j-1} + a0 q_j: rows j-1, j with coefficients first[2i], first[2i + 1].
-  if (j > 0) {
-    HESSLAB_CUDA_TRY(cudaMemcpy2DAsync(ws.first, 2 * sizeof(double), beta_prev, sizeof(double),
-                                       sizeof(double), b, cudaMemcpyDeviceToDevice, stream));
-    HESSLAB_CUDA_TRY(launch_subtract<T>(q_j - n, run, 2, ws.first, 2, w, b, n, stream));
-  } else {
-    HESSLAB_CUDA_TRY(launch_subtract<T>(q_j, run, 1, ws.first + 1, 2, w, b, n, stream));
-  }
-  // CGS2 against q_0..q_j.
-  HESSLAB_CUDA_TRY(cgs2<T>(Q, m, j + 1, w, b, n, ws.pass1, ws.pass2, ws.mid2, ws.again, stream));
-  // ||w_out||^2, then the per-run scalars.
-  HESSLAB_CUDA_TRY(launch_dots<T>(w, n, 0, 1, w, b, n, ws.beta2, 1, stream));
+  const int64_t rows = plan::step_rows(j);
+  const Workspace ws = carve(workspace, b, rows);
+  HESSLAB_CUDA_TRY(cgs2<T>(Q, m, rows, w, b, n, ws, stream));
   step_scalars_kernel<<<static_cast<unsigned int>(ceil_div(b, kBlockThreads)), kBlockThreads, 0,
                         stream>>>(ws, beta_prev, b, j, tol, alpha, beta, breakdown);
   HESSLAB_CUDA_TRY(cudaGetLastError());
   if (j + 1 < m && n > 0) {
-    normalize_kernel<T><<<run_grid(b, n), kBlockThreads, 0, stream>>>(w, beta, breakdown,
-                                                                      Q + (j + 1) * n, run, b, n);
+    normalize_kernel<T><<<run_grid(b, n), kBlockThreads, 0, stream>>>(w, ws.scale, Q + (j + 1) * n,
+                                                                      m * n, b, n);
     HESSLAB_CUDA_TRY(cudaGetLastError());
   }
   return cudaSuccess;
 }
 
-int64_t reorthogonalize_workspace_size(int64_t b, int64_t j) { return 2 * b * j + 2 * b; }
+int64_t reorthogonalize_workspace_size(int64_t b, int64_t j, int64_t n) {
+  return workspace_size(b, plan::reorthogonalize_rows(j), n);
+}
 
 template <typename T>
 cudaError_t reorthogonalize_cuda(const T* Q, T* w, int64_t b, int64_t m, int64_t n, int64_t j,
                                  double* coeffs, double* workspace, cudaStream_t stream) {
-  if (b == 0 || j == 0) {
+  const int64_t rows = plan::reorthogonalize_rows(j);
+  if (b == 0 || rows == 0) {
     return cudaSuccess;
   }
-  double* pass1 = workspace;
-  double* pass2 = workspace + b * j;
-  double* mid2 = pass2 + b * j;
-  bool* again = reinterpret_cast<bool*>(mid2 + b);
-  HESSLAB_CUDA_TRY(cudaMemsetAsync(workspace, 0,
-                                   reorthogonalize_workspace_size(b, j) * sizeof(double), stream));
-  HESSLAB_CUDA_TRY(cgs2<T>(Q, m, j, w, b, n, pass1, pass2, mid2, again, stream));
-  add_kernel<<<stride_blocks(b * j), kBlockThreads, 0, stream>>>(pass1, pass2, coeffs, b * j);
+  const Workspace ws = carve(workspace, b, rows);
+  HESSLAB_CUDA_TRY(cgs2<T>(Q, m, rows, w, b, n, ws, stream));
+  coefficient_kernel<<<stride_blocks(b * rows), kBlockThreads, 0, stream>>>(
+      ws.s1, ws.s2, ws.again, rows, b * rows, coeffs);
   return cudaGetLastError();
 }
 

@@ -17,9 +17,10 @@ namespace hesslab {
 namespace cuda {
 
 // Number of float64 elements of the `workspace` that lanczos_step_cuda needs.
-int64_t lanczos_step_workspace_size(int64_t b, int64_t j);
+int64_t lanczos_step_workspace_size(int64_t b, int64_t j, int64_t n);
 
-// One Lanczos step for b runs (0 <= j < m): see lanczos_kernels.cu. Mutates Q (row j+1
+// One Lanczos step for b runs (0 <= j < m), following common/gram_schmidt_plan.h: see
+// lanczos_kernels.cu. Bitwise deterministic: no atomics, every sum in a fixed order. Mutates Q (row j+1
 // when j + 1 < m) and w; writes alpha, beta (b,) float64 and breakdown (b,).
 template <typename T>
 cudaError_t lanczos_step_cuda(T* Q, T* w, const double* beta_prev, int64_t b, int64_t m,
@@ -27,7 +28,7 @@ cudaError_t lanczos_step_cuda(T* Q, T* w, const double* beta_prev, int64_t b, in
                               bool* breakdown, double* workspace, cudaStream_t stream);
 
 // Number of float64 elements of the `workspace` that reorthogonalize_cuda needs.
-int64_t reorthogonalize_workspace_size(int64_t b, int64_t j);
+int64_t reorthogonalize_workspace_size(int64_t b, int64_t j, int64_t n);
 
 // CGS2 of w against rows 0..j-1 of Q (0 <= j <= m), the second update only where needed
 // (see lanczos_kernels.cu); coeffs (b, j) float64 receives the sum of the applied passes'

@@ -112,6 +112,8 @@ class Measurements:
             fit = r["power_law"]
             out.update(power_law_s=fit.s, power_law_s_std_error=fit.s_std_error, power_law_k=fit.k,
                        ks_distance=fit.ks_distance, ks_critical=fit.ks_critical, is_power_law=fit.is_power_law,
+                       power_law_verdict=fit.verdict, power_law_reason=fit.verdict_reason,
+                       power_law_lambda1_ratio=fit.lambda1_ratio,
                        s_lstsq=fit.s_lstsq, r2_lstsq=fit.r2)
         if "outliers_top" in r:
             out.update(outliers_top_k=r["outliers_top"].count, bulk_edge=r["outliers_top"].bulk_edge)
@@ -153,6 +155,9 @@ def measure_spectrum(
     stage: Callable[[str], ContextManager[Any]] | None = None,
     on_error: OnError | None = None,
     on_record: OnRecord | None = None,
+    outliers: bool = True,
+    on_progress: Callable[[Measurements], None] | None = None,
+    on_start: Callable[[str, dict[str, Any]], None] | None = None,
 ) -> Measurements:
     """Measure the spectrum of ``op``: loss → top-k (+ outliers) → power law →
     concentration → density (+ outliers) → trace, each only when asked for or needed.
@@ -183,6 +188,14 @@ def measure_spectrum(
         on_record: Called as ``on_record(measure, record, result)`` as soon as each
             measure is done (``result`` is None for the loss and on failure), e.g. to
             write the record at once.
+        outliers: Look for outliers among the top eigenvalues and in the density (False:
+            neither runs, e.g. when a caller did not ask for them).
+        on_progress: Called with the :class:`Measurements` found so far after each
+            measure (e.g. to rewrite a report, so that an interrupted run keeps them).
+        on_start: Called as ``on_start(measure, cost)`` before each measure with what it
+            will cost at most: ``{"products": p, "memory_bytes": b, "what": text}`` (products
+            with the operator; the memory of its Krylov basis or sketch), e.g. to print an
+            estimate.
 
     Returns:
         :class:`Measurements`.
@@ -198,7 +211,7 @@ def measure_spectrum(
         "outliers": {**DEFAULTS["outliers"], **(outlier_options or {})},
     }
     run = _Run(op, options, k=k, k_top=k_top, seed=seed, progress=progress, stage=stage, on_error=on_error,
-               on_record=on_record)
+               on_record=on_record, outliers=outliers, on_progress=on_progress, on_start=on_start)
     if hasattr(op, "loss"):
         run.measure("loss", lambda: ({"value": op.loss()}, None))
     top = None
@@ -221,7 +234,9 @@ class _Run:
 
     def __init__(self, op: Any, options: dict[str, dict[str, Any]], *, k: int, k_top: int | None, seed: int,
                  progress: bool | None, stage: Callable[[str], ContextManager[Any]] | None,
-                 on_error: OnError | None, on_record: OnRecord | None):
+                 on_error: OnError | None, on_record: OnRecord | None, outliers: bool = True,
+                 on_progress: Callable[[Measurements], None] | None = None,
+                 on_start: Callable[[str, dict[str, Any]], None] | None = None):
         self.op = op
         self.n = int(op.shape[0])
         self.options = options
@@ -229,6 +244,9 @@ class _Run:
         self.stage = stage or (lambda what: contextlib.nullcontext())
         self.on_error = on_error
         self.on_record = on_record
+        self.outliers = bool(outliers)
+        self.on_progress = on_progress
+        self.on_start = on_start
         self.start = int(op.num_matvecs)
         self.out = Measurements(self.n, int(getattr(op, "num_data", 0) or 0))
         self.parts: dict[str, Any] = {}  # results found along with a measure's own (its outliers)
@@ -246,6 +264,8 @@ class _Run:
 
     def measure(self, name: str, fn: Callable[[], tuple[dict[str, Any], Any]], what: str | None = None) -> Any:
         """Run one measure (``fn() -> (values, result)``), record it, and return its result."""
+        if self.on_start is not None and name != "loss":
+            self.on_start(name, self.cost(name, what))
         t0, m0 = time.perf_counter(), self.op.num_matvecs
         with self.stage(what) if what else contextlib.nullcontext():
             got, message = self.attempt(name, fn)
@@ -259,7 +279,33 @@ class _Run:
         self.out.records[name] = record
         if self.on_record is not None:
             self.on_record(name, record, result)
+        if self.on_progress is not None:
+            self.out.num_matvecs = int(self.op.num_matvecs - self.start)
+            self.on_progress(self.out)
         return result
+
+    def cost(self, name: str, what: str | None) -> dict[str, Any]:
+        """The most ``name`` will cost: products with the operator and the bytes of its
+        basis (Lanczos, SLQ) or sketch (Hutch++), at the operator's dtype."""
+        item = int(getattr(self.op, "dtype", None).itemsize) if hasattr(getattr(self.op, "dtype", None),
+                                                                       "itemsize") else 8
+        products, vectors = 0, 0
+        if name == "top_k":
+            k = self.num_top()
+            steps = self.options["lanczos"].get("max_steps") or min(self.n, max(300, 40 * k))
+            products, vectors = int(steps) + k, int(steps) + 1
+        elif name == "concentration":
+            products = 0  # one gradient, no product
+        elif name == "density":
+            o = self.density_options()
+            products = int(o["num_probes"]) * int(o["num_steps"])
+            per_probe = 3 if o.get("reorthogonalize") == "local" else int(o["num_steps"]) + 1
+            vectors = int(o["num_probes"]) * per_probe
+        elif name == "trace":
+            m = self.trace_options().get("num_matvecs")
+            products = int(m) if isinstance(m, int) else 0
+            vectors = products // 3 + 1 if self.trace_options().get("method") == "hutch++" else 1
+        return {"products": products, "memory_bytes": vectors * self.n * item, "what": what or name}
 
     # ------------------------------------------------------------------- measures
     def num_top(self) -> int:
@@ -276,7 +322,7 @@ class _Run:
         top = solvers.lanczos(self.op, k=self.num_top(), which="LA", **options)
         values: dict[str, Any] = {"eigenvalues": top.eigenvalues, "residuals": top.residuals,
                                   "converged": top.converged, "num_steps": top.num_steps}
-        if int((np.asarray(top.eigenvalues) > 0).sum()) >= MIN_POSITIVE_FOR_OUTLIERS:
+        if self.outliers and int((np.asarray(top.eigenvalues) > 0).sum()) >= MIN_POSITIVE_FOR_OUTLIERS:
             o, message = self.attempt("outliers_top", lambda: outliers(top, **self.options["outliers"]))
             if o is not None:
                 self.parts["outliers_top"] = o
@@ -324,6 +370,8 @@ class _Run:
             "nodes": d.nodes, "weights": d.weights, "num_steps": d.num_steps, "sigma2": d.sigma2,
             "reorthogonalize": d.reorthogonalize, "negative_mass_strict": d.negative_mass(tol=0),
         }
+        if not self.outliers:
+            return values, d
         o, message = self.attempt("outliers", lambda: outliers(d, **self.options["outliers"]))
         if o is None:
             values.update(negative_mass=None, outliers={"error": message})

@@ -25,10 +25,30 @@ from hesslab.errors import HesslabError
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.axes import Axes
 
-__all__ = ["PowerLawFit", "power_law_fit", "as_float64_vector"]
+__all__ = ["PowerLawFit", "power_law_fit", "as_float64_vector", "MIN_K_TO_DECIDE", "LAMBDA1_FACTOR", "VERDICTS"]
 
 #: Coefficient of the asymptotic two-sided KS critical value at α = 0.05: d_c = 1.36/√K.
 KS_COEFFICIENT_05 = 1.36
+
+#: Below this many eigenvalues the verdict is "undecided". A spectrum that decays
+#: linearly, λ_k = λ₁(1 − c k), which is no power law, sits at a KS distance of about 0.29
+#: from its fitted power law at every K; the critical value 1.36/√K is below that only
+#: from K = 22 on (0.43 at K = 10), so with fewer values the test accepts it. 30 leaves a
+#: margin (d_c = 0.25).
+MIN_K_TO_DECIDE = 30
+
+#: KS distance of a linearly decaying spectrum from its fitted power law (any K ≥ 10):
+#: the alternative :data:`MIN_K_TO_DECIDE` is chosen against.
+LINEAR_SPECTRUM_KS = 0.29
+
+#: The fitted λ₁ (``λ_K K^ŝ``) may miss the largest eigenvalue by at most this factor
+#: (either way) for a "power law" verdict; exact rank laws λ_k = λ₁ k^(−s) miss it by
+#: 1.2–1.4 (the MLE's bias at K = 30–60), so a factor of 2 means the line does not
+#: describe the top of the spectrum even if the KS test accepts its tail.
+LAMBDA1_FACTOR = 2.0
+
+#: The values of :attr:`PowerLawFit.verdict`.
+VERDICTS = ("power law", "not a power law", "undecided")
 
 
 @dataclasses.dataclass
@@ -49,7 +69,8 @@ class PowerLawFit(Result):
             K values and the fitted ``F*(λ) = 1 − (λ/λ_K)^(−(β̂−1))``, computed as the
             ``powerlaw`` package does (see :func:`power_law_fit`).
         ks_critical: Critical value ``d_c = 1.36/√K`` (α = 0.05).
-        is_power_law: The verdict ``d_ks < d_c``.
+        is_power_law: The KS test alone: ``d_ks < d_c`` (kept for existing callers;
+            reports use :attr:`verdict`).
         s_lstsq: Least-squares decay exponent: minus the slope of ``log λ_k`` on
             ``log k``, k = 1..K.
         lambda1_lstsq: Least-squares λ₁: ``exp`` of the intercept of that line.
@@ -57,6 +78,12 @@ class PowerLawFit(Result):
         num_dropped: How many input eigenvalues were ≤ 0 (or were given as non-positive)
             and so could not enter the fit.
         eigenvalues: The K values used, descending, shape ``(K,)``, float64.
+        lambda1_ratio: The largest eigenvalue over the fitted λ₁ (1 = the line meets it).
+        verdict: One of :data:`VERDICTS`: "undecided" with fewer than
+            :data:`MIN_K_TO_DECIDE` values, or when the KS test accepts but the fitted λ₁
+            misses the largest eigenvalue by more than :data:`LAMBDA1_FACTOR`; otherwise
+            "power law" when ``d_ks < d_c``, else "not a power law".
+        verdict_reason: The test and its numbers behind the verdict, one sentence.
     """
 
     s: float
@@ -73,9 +100,15 @@ class PowerLawFit(Result):
     r2: float
     num_dropped: int
     eigenvalues: np.ndarray
+    lambda1_ratio: float = math.nan
+    verdict: str = ""
+    verdict_reason: str = ""
 
     def __post_init__(self) -> None:
         self.eigenvalues = np.asarray(self.eigenvalues, dtype=np.float64)
+        if not self.verdict:  # a fit saved before verdicts existed
+            self.verdict, self.verdict_reason, self.lambda1_ratio = _verdict(
+                self.k, self.ks_distance, self.ks_critical, self.lambda1, self.eigenvalues)
 
     def model_line(self, k: np.ndarray | None = None) -> np.ndarray:
         """The MLE model's eigenvalue at index k: ``λ_K (k/K)^(−ŝ)``.
@@ -115,8 +148,8 @@ class PowerLawFit(Result):
         ax = axes(ax, (6.0, 4.5))
         kk = np.arange(1, self.k + 1, dtype=np.float64)
         ax.loglog(kk, self.eigenvalues, "o", ms=3, alpha=0.7, color="C0", label=f"top K = {self.k} eigenvalues")
-        verdict = "power law" if self.is_power_law else "not a power law"
         relation = "<" if self.is_power_law else "≥"
+        ks_says = "KS: power law" if self.is_power_law else "KS: not a power law"
         ax.loglog(
             kk,
             self.model_line(kk),
@@ -125,7 +158,8 @@ class PowerLawFit(Result):
             lw=1.8,
             label=(
                 f"MLE: ŝ = {self.s:.3g} ± {self.s_std_error:.2g}, β̂ = {self.beta:.3g}\n"
-                f"d_ks = {self.ks_distance:.3g} {relation} d_c = {self.ks_critical:.3g}: {verdict}"
+                f"d_ks = {self.ks_distance:.3g} {relation} d_c = {self.ks_critical:.3g} ({ks_says})\n"
+                f"verdict: {self.verdict} (K = {self.k}, λ₁ measured/fitted = {self.lambda1_ratio:.2g})"
             ),
         )
         ax.loglog(
@@ -201,6 +235,27 @@ def _ks_distance(lam_ascending: np.ndarray, alpha_minus_one: float) -> float:
     return float(max(np.max(diff), -np.min(diff)))
 
 
+def _verdict(k: int, ks: float, ks_crit: float, lambda1_fit: float, top: np.ndarray) -> tuple[str, str, float]:
+    """``(verdict, reason, λ₁ measured / fitted)`` of a fit (see :attr:`PowerLawFit.verdict`)."""
+    measured = float(top[0]) if top.size else math.nan
+    ratio = measured / lambda1_fit if lambda1_fit and math.isfinite(lambda1_fit) else math.nan
+    ks_text = f"KS test: d_ks = {ks:.3g} {'<' if ks < ks_crit else '≥'} d_c = 1.36/√K = {ks_crit:.3g}"
+    if k < MIN_K_TO_DECIDE:
+        return "undecided", (
+            f"{ks_text}, but K = {k} is too few to decide: below K = {MIN_K_TO_DECIDE} the critical value "
+            f"({ks_crit:.2f} here) is above the distance {LINEAR_SPECTRUM_KS} of a linearly decaying spectrum, "
+            f"which is no power law; compute at least {MIN_K_TO_DECIDE} top eigenvalues"), ratio
+    if ks >= ks_crit:
+        return "not a power law", f"{ks_text}: rejected at α = 0.05", ratio
+    if not (1 / LAMBDA1_FACTOR <= ratio <= LAMBDA1_FACTOR):
+        return "undecided", (
+            f"{ks_text} accepts the tail, but the fitted λ₁ = {lambda1_fit:.3g} misses the largest eigenvalue "
+            f"{measured:.3g} by a factor {max(ratio, 1 / ratio):.2f} (> {LAMBDA1_FACTOR:g}): the line does not "
+            "describe the top of the spectrum"), ratio
+    return "power law", (f"{ks_text} and the fitted λ₁ is within a factor {LAMBDA1_FACTOR:g} of the largest "
+                         f"eigenvalue (ratio {ratio:.2f})"), ratio
+
+
 def power_law_fit(eigenvalues: Any, k_max: int | None = None) -> PowerLawFit:
     r"""Fit ``λ_k = λ₁ k^(−s)`` to the top eigenvalues by maximum likelihood.
 
@@ -219,7 +274,9 @@ def power_law_fit(eigenvalues: Any, k_max: int | None = None) -> PowerLawFit:
     below x — exactly the ``powerlaw`` package's statistic (its ``D``). It looks at the
     empirical CDF on one side of each jump only, so it can be up to 1/K below the
     textbook two-sided KS statistic; we keep it for agreement with the paper's tool. The
-    power law is accepted when ``d_ks < d_c = 1.36/√K``.
+    power law is accepted by the test when ``d_ks < d_c = 1.36/√K`` (``is_power_law``);
+    the :attr:`~PowerLawFit.verdict` is "undecided" below :data:`MIN_K_TO_DECIDE` values
+    or when the fitted λ₁ misses the largest by more than :data:`LAMBDA1_FACTOR`.
 
     The least-squares estimate regresses ``log λ_k`` on ``log k`` (k = 1..K):
     ``log λ_k ≈ log λ₁^lstsq − s_lstsq log k``, with its R².
@@ -282,12 +339,14 @@ def power_law_fit(eigenvalues: Any, k_max: int | None = None) -> PowerLawFit:
     resid = y_c - slope * x_c
     r2 = 1.0 - float(np.dot(resid, resid)) / ss_tot if ss_tot > 0 else 1.0
 
+    lambda1_fit = float(lam_k * np.float64(k) ** s) if s * math.log(k) < 700 else math.inf
+    verdict, reason, ratio = _verdict(int(k), ks, float(ks_crit), lambda1_fit, top)
     return PowerLawFit(
         s=float(s),
         beta=float(beta),
         s_std_error=float(s_se),
         beta_std_error=float(beta_se),
-        lambda1=float(lam_k * np.float64(k) ** s) if s * math.log(k) < 700 else math.inf,
+        lambda1=lambda1_fit,
         k=int(k),
         ks_distance=ks,
         ks_critical=float(ks_crit),
@@ -297,4 +356,7 @@ def power_law_fit(eigenvalues: Any, k_max: int | None = None) -> PowerLawFit:
         r2=float(r2),
         num_dropped=num_dropped,
         eigenvalues=top,
+        lambda1_ratio=float(ratio),
+        verdict=verdict,
+        verdict_reason=reason,
     )

@@ -117,15 +117,19 @@ class RankReport(Result):
                          padding=2)
         ax.axhline(self.num_params, color="C7", ls="--", lw=1, label=f"n = {self.num_params} parameters")
         ax.set_xticks(x, ["H_L (Hessian)", "H_O (Gauss–Newton)", "H_F = H_L − H_O"])
+        from matplotlib.ticker import MaxNLocator
+
         ax.set_ylabel("rank")
         ax.set_ylim(0, self.num_params * 1.15)
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         what = f"deep linear net {self.widths}" if self.architecture == "deep linear" else "network"
         title = f"Hessian ranks of a {what}, N = {self.num_samples}" + (f", {self.loss}" if self.loss else "")
         if not has_pred:
             title += ("\n(not a deep linear network: no closed-form prediction)" if self.architecture == "other"
                       else "\n(no closed-form prediction: see the report's note)")
         ax.set_title(title, fontsize="medium")
-        ax.legend(fontsize="small", loc="upper left")
+        # Below the axes: inside, it would cover the labels on the bars (ranks reach n).
+        ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2)
         return ax
 
 

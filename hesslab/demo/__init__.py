@@ -25,7 +25,8 @@ model's spectrum by :func:`hesslab.analysis.measure_spectrum`, shared with ``ana
 deep linear networks, Singh et al.), ``_run`` (:func:`run_demo`), ``_analyze``
 (:func:`run_analysis`), :mod:`hesslab.demo.sections` (the four papers' report sections),
 ``_report`` (the report pages), ``_text`` (formatting shared by the sections), ``_output``
-(the summary and the report written to the run folder).
+(the summary and the report written to the run folder), ``_cost`` (what each measure will
+cost, said before it starts).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from hesslab.analysis.pipeline import MEASURES
 
 from ._analyze import run_analysis
 from ._config import ANALYZE_MEASURES, Budget, DemoConfig
-from ._kfac import KfacAnalysis, kfac_analysis
+from ._kfac import KfacAnalysis, choose_layers, kfac_analysis
 from ._measure import ModelAnalysis, measure_model
 from ._rank import rank_analysis
 from ._report import build_analysis_report, build_demo_report
@@ -42,5 +43,5 @@ from ._run import run_demo
 from ._stages import Stages, warnings_as_log
 
 __all__ = ["Budget", "DemoConfig", "ModelAnalysis", "KfacAnalysis", "Stages", "measure_model", "kfac_analysis",
-           "rank_analysis", "run_demo", "run_analysis", "MEASURES", "ANALYZE_MEASURES", "build_demo_report",
+           "rank_analysis", "choose_layers", "run_demo", "run_analysis", "MEASURES", "ANALYZE_MEASURES", "build_demo_report",
            "build_analysis_report", "warnings_as_log"]

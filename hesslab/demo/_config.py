@@ -8,18 +8,39 @@ from typing import Any
 
 from hesslab.analysis.pipeline import DEFAULTS, MEASURES
 
-__all__ = ["MEASURES", "ANALYZE_MEASURES", "Budget", "DemoConfig"]
+__all__ = ["MEASURES", "ANALYZE_MEASURES", "REQUIRES", "Budget", "DemoConfig", "required_measures"]
 
-#: What ``hesslab analyze`` offers: the pipeline's measures (:data:`MEASURES`) and the
-#: Kronecker-factor comparison; the demo runs them all on every model (kfac on some).
-ANALYZE_MEASURES = MEASURES + ("kfac",)
+#: What ``hesslab analyze`` offers: the pipeline's measures (:data:`MEASURES`), the
+#: outliers (among the top eigenvalues and in the density) and the Kronecker-factor
+#: comparison; the demo runs them all on every model (kfac on some).
+ANALYZE_MEASURES = MEASURES + ("outliers", "kfac")
+
+#: The measures each measure needs (they are run too when it is asked for).
+REQUIRES: dict[str, tuple[str, ...]] = {
+    "power_law": ("top_k",), "concentration": ("top_k",), "outliers": ("density",),
+}
+
+
+def required_measures(measures: Any) -> list[str]:
+    """``measures`` with the ones they need (:data:`REQUIRES`), in the order of
+    :data:`ANALYZE_MEASURES`. The outliers need the density unless the top eigenvalues are
+    computed anyway (they are then looked for among those)."""
+    wanted = set(measures)
+    for m in list(wanted):
+        needs = REQUIRES.get(m, ())
+        if m == "outliers" and wanted & {"top_k", "power_law", "concentration"}:
+            needs = ()
+        wanted.update(needs)
+    return [m for m in ANALYZE_MEASURES if m in wanted]
 
 
 @dataclasses.dataclass
 class Budget:
     """How much work each measure gets (products of the Hessian with vectors).
 
-    The defaults are the pipeline's (:data:`hesslab.analysis.pipeline.DEFAULTS`).
+    The defaults are the pipeline's (:data:`hesslab.analysis.pipeline.DEFAULTS`);
+    ``layer_k`` and ``layer_max_steps`` bound the Lanczos run on each exact layer block
+    of the Kronecker comparison (None: the solver's own limit).
     """
 
     lanczos_tol: float = DEFAULTS["lanczos"]["tol"]
@@ -29,6 +50,7 @@ class Budget:
     density_grid: int = DEFAULTS["density"]["grid_size"]
     trace_matvecs: int = DEFAULTS["trace"]["num_matvecs"]
     layer_k: int = 20
+    layer_max_steps: int | None = None
 
     def pipeline_options(self) -> dict[str, Any]:
         """Keyword arguments for :func:`hesslab.analysis.measure_spectrum` (Hutch++ gets at

@@ -20,7 +20,7 @@ from hesslab.errors import HesslabError
 
 from ._stages import Stages, guard
 
-__all__ = ["KfacAnalysis", "kfac_analysis", "record_kfac", "seed_overlaps", "display_layer"]
+__all__ = ["KfacAnalysis", "kfac_analysis", "record_kfac", "seed_overlaps", "display_layer", "choose_layers"]
 
 
 @dataclasses.dataclass
@@ -35,6 +35,8 @@ class KfacAnalysis:
             OverlapCurve, "<layer>/low_rank_exact"|"<layer>/low_rank_kfac": LowRank,
             "<layer>/dominant_B": DominantEigenvalues}``.
         skipped: Layers KFAC left out, with the reason.
+        not_compared: Kronecker layers whose exact block was not computed (not chosen),
+            with the reason.
         errors: Failures, by step.
         unavailable: Missing modules.
     """
@@ -43,6 +45,7 @@ class KfacAnalysis:
     layers: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     results: dict[str, Any] = dataclasses.field(default_factory=dict)
     skipped: dict[str, str] = dataclasses.field(default_factory=dict)
+    not_compared: dict[str, str] = dataclasses.field(default_factory=dict)
     errors: dict[str, str] = dataclasses.field(default_factory=dict)
     unavailable: dict[str, str] = dataclasses.field(default_factory=dict)
     kfac: Any = None  # the KFAC operator (not saved)
@@ -51,6 +54,39 @@ class KfacAnalysis:
 def display_layer(name: str) -> str:
     """A layer's name as used in file names and result keys ("0.fc" -> "0_fc", "" -> "root")."""
     return name.replace(".", "_") or "root"
+
+
+def choose_layers(sizes: dict[str, int], spec: Any = None) -> list[str]:
+    """The layers whose exact block is compared, in the model's order.
+
+    Args:
+        sizes: ``{layer: number of parameters}`` of the Kronecker layers, in order.
+        spec: None: the largest layer and the last one (an exact block costs Lanczos
+            products on that layer, and the largest is the most expensive one worth
+            seeing); ``"all"``; or names and glob patterns (:mod:`fnmatch`).
+
+    Raises:
+        HesslabError: a name or pattern that matches no Kronecker layer.
+    """
+    import fnmatch
+
+    names = list(sizes)
+    if not names:
+        return []
+    if spec is None:
+        chosen = {max(names, key=lambda n: sizes[n]), names[-1]}
+    elif spec == "all" or spec == ["all"]:
+        chosen = set(names)
+    else:
+        items = [spec] if isinstance(spec, str) else list(spec)
+        chosen = set()
+        for item in items:
+            hit = [n for n in names if n == item or fnmatch.fnmatchcase(n, item)]
+            if not hit:
+                raise HesslabError(f"kfac_layers: {item!r} matches none of the Kronecker layers "
+                                   f"({', '.join(names[:12])}{', ...' if len(names) > 12 else ''})")
+            chosen.update(hit)
+    return [n for n in names if n in chosen]
 
 
 def kfac_analysis(
@@ -66,6 +102,10 @@ def kfac_analysis(
     store: Any = None,
     stages: Stages | None = None,
     loss_type: str | None = None,
+    layers: Any = "all",
+    max_steps: int | None = None,
+    cost_log: Any = None,
+    on_layer: Callable[[KfacAnalysis], None] | None = None,
 ) -> KfacAnalysis:
     """Per Kronecker layer: top-k of E[M] ⊗ E[xxᵀ] and of the exact layer Hessian
     (Lanczos), their eigenspace overlap curve, the low rank of the reshaped eigenvectors
@@ -73,6 +113,15 @@ def kfac_analysis(
 
     When ``hesslab.linops`` cannot provide ``KFAC`` and ``layer_hessian``, the analysis is
     reported as unavailable (``unavailable["kfac"]``) and nothing else is done.
+
+    Args:
+        layers: The layers whose exact block is computed (:func:`choose_layers`; default
+            all, None the largest and the last); the others are listed in
+            ``not_compared``.
+        max_steps: At most this many Lanczos steps on each exact block (default: the
+            solver's own, up to n of the layer).
+        cost_log: Says what each exact block will cost before it starts.
+        on_layer: Called with the analysis so far after each layer's comparison.
     """
     stages = stages or Stages(0, progress=False, verbose=False)
     out = KfacAnalysis(label)
@@ -89,9 +138,15 @@ def kfac_analysis(
     if out.kfac is None:
         return out
     modules = dict(model.named_modules())
+    sizes = {name: int(out.kfac.layer_slice(name).stop - out.kfac.layer_slice(name).start)
+             for name in out.kfac.layer_names}
+    chosen = choose_layers(sizes, layers)
     for name in out.kfac.layer_names:
         sl = out.kfac.layer_slice(name)
         kk = int(min(k, sl.stop - sl.start - 1))
+        if name not in chosen:
+            out.not_compared[name] = f"{sizes[name]} parameters, not chosen"
+            continue
         if kk < 1:
             continue
         out.layers[name] = {"n": int(sl.stop - sl.start), "shape": list(out.kfac.layer_shape(name)), "k": kk,
@@ -99,8 +154,15 @@ def kfac_analysis(
         with stages.stage(f"{label}: layer {name}: exact block vs Kronecker factors (k = {kk})"), \
                 guard(out.errors, f"{name}", stages):
             exact = layer_hessian(model, loss_fn, data, name, dtype=torch.float64, progress=False)
+            steps = None if max_steps is None else int(min(max(max_steps, kk), sizes[name]))
+            if cost_log is not None:
+                cost_log.start(exact, f"{label}: layer {name}", {
+                    "products": (steps or min(sizes[name], max(300, 40 * kk))) + kk,
+                    "memory_bytes": ((steps or min(sizes[name], max(300, 40 * kk))) + 1) * sizes[name] * 8})
             _compare_layer(out, name, kk, exact, tuple(modules[name].weight.shape), num_classes, seed, tol,
-                           stages, _saver(store, label))
+                           stages, _saver(store, label), steps)
+        if on_layer is not None:
+            on_layer(out)
     return out
 
 
@@ -113,7 +175,8 @@ def _saver(store: Any, label: str) -> Callable[..., None]:
 
 
 def _compare_layer(out: KfacAnalysis, name: str, kk: int, exact_op: Any, weight_shape: tuple[int, ...],
-                   num_classes: int | None, seed: int, tol: float, stages: Stages, save: Callable[..., None]) -> None:
+                   num_classes: int | None, seed: int, tol: float, stages: Stages, save: Callable[..., None],
+                   max_steps: int | None = None) -> None:
     """One layer: the Kronecker top-k against Lanczos on the exact block, then the overlap,
     low rank and dominant eigenvalues; results into ``out.results``, numbers into its layer."""
     from hesslab.solvers import EigenResult, lanczos
@@ -123,7 +186,7 @@ def _compare_layer(out: KfacAnalysis, name: str, kk: int, exact_op: Any, weight_
     vecs_k = vecs_k.double().cpu()
     kres = EigenResult(vals_k.double().cpu(), vecs_k, torch.full((kk,), float("nan"), dtype=torch.float64),
                        torch.ones(kk, dtype=torch.bool), 0, 0, "LA")
-    ex = lanczos(exact_op, k=kk, which="LA", tol=tol, seed=seed, progress=stages.inner_progress)
+    ex = lanczos(exact_op, k=kk, which="LA", tol=tol, seed=seed, progress=stages.inner_progress, max_steps=max_steps)
     out.results[f"{disp}/exact"] = ex
     out.results[f"{disp}/kfac"] = kres
     save(f"{disp}/exact", ex, dataclasses.replace(ex, eigenvectors=None))
@@ -159,7 +222,7 @@ def _compare_layer(out: KfacAnalysis, name: str, kk: int, exact_op: Any, weight_
 
 def record_kfac(summary: dict, label: str, ka: KfacAnalysis) -> None:
     """A model's per-layer Kronecker results, errors and unavailable parts into the summary."""
-    summary["kfac"][label] = jsonable({"layers": ka.layers, "skipped": ka.skipped})
+    summary["kfac"][label] = jsonable({"layers": ka.layers, "skipped": ka.skipped, "not_compared": ka.not_compared})
     if ka.errors:
         summary["errors"][f"kfac {label}"] = ka.errors
     if ka.unavailable:

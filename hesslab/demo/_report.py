@@ -9,7 +9,10 @@ from hesslab.report import Report, plots
 from ._text import fmt, pretty, safe
 from .sections import ghorbani_section, singh_section, wu_section, xie_section
 
-__all__ = ["build_demo_report", "build_analysis_report", "overview_section", "files_section"]
+__all__ = ["build_demo_report", "build_analysis_report", "overview_section", "files_section", "FOLD_ROWS"]
+
+#: Tables of files longer than this are folded (HTML ``<details>``).
+FOLD_ROWS = 12
 
 
 def overview_section(rep: Report, summary: Mapping[str, Any], log: Any = None) -> None:
@@ -52,10 +55,11 @@ def files_section(rep: Report, summary: Mapping[str, Any]) -> None:
     rows = [[e["name"], e["type"], e.get("json", e.get("jsonl", "")), e.get("npz", "")]
             for e in summary.get("results", [])]
     if rows:
-        sec.table(["result", "type", "JSON", "NPZ"], rows)
+        sec.table(["result", "type", "JSON", "NPZ"], rows,
+                  fold=f"{len(rows)} result files (click to show the list)" if len(rows) > FOLD_ROWS else "")
     ck = (summary.get("files") or {}).get("checkpoints")
     if ck:
-        sec.text("Checkpoints (state_dict, torch.save): " + ", ".join(ck))
+        sec.folded(f"{len(ck)} checkpoints (state_dict, torch.save) under checkpoints/", ", ".join(ck))
 
 
 def _meta(summary: Mapping[str, Any]) -> dict[str, Any]:
@@ -86,21 +90,50 @@ def build_demo_report(summary: Mapping[str, Any], analyses: Mapping[str, Any], k
 
 def build_analysis_report(summary: Mapping[str, Any], analyses: Mapping[str, Any], kfacs: Mapping[str, Any],
                           stages: Any = None) -> Report:
+    """The report of ``hesslab analyze``: what was measured on this one model, as far as
+    the run got (it is rewritten after every measure)."""
     log = getattr(stages, "log", None)
     src = summary.get("source") or {}
     rep = Report(f"hesslab analyze: {src.get('model', 'model')}",
-                 subtitle=" · ".join(f"{k}: {v}" for k, v in src.items() if v),
+                 subtitle=" · ".join(f"{k}: {v}" for k, v in src.items() if v and k != "data_used"),
                  meta=_meta(summary))
-    sec = rep.section("Summary")
-    table = summary.get("table")
-    if table:
-        sec.table(table["headers"], table["rows"])
-    measures = set(summary.get("measures") or [])
-    if measures & {"density", "concentration", "trace", "top_k"}:
+    _analysis_overview(rep, summary, analyses)
+    measures = set(summary.get("measures_run") or summary.get("measures") or [])
+    if measures & {"density", "concentration", "trace", "top_k", "outliers"} and analyses:
         ghorbani_section(rep, analyses, {}, summary, log, demo=False)
-    if "kfac" in measures:
+    if "kfac" in measures and kfacs:
         wu_section(rep, kfacs, None, summary, log, demo=False)
-    if measures & {"top_k", "power_law"}:
+    if measures & {"top_k", "power_law"} and any("top_k" in a.results for a in analyses.values()):
         xie_section(rep, analyses, log)
     files_section(rep, summary)
     return rep
+
+
+def _analysis_overview(rep: Report, summary: Mapping[str, Any], analyses: Mapping[str, Any]) -> None:
+    src = summary.get("source") or {}
+    asked, run = list(summary.get("measures") or []), list(summary.get("measures_run") or [])
+    sec = rep.section("Summary", intro=(
+        f"The Hessian of the mean loss ({src.get('loss', 'the loss')}) of {src.get('model', 'the model')} over "
+        f"{src.get('data_used') or 'the data given'}, in {src.get('mode', 'eval')} mode, dtype "
+        f"{src.get('dtype', 'of the model')}. Measures asked for: {', '.join(asked) or 'none'}"
+        + (f"; also run because they are needed: {', '.join(m for m in run if m not in asked)}"
+           if [m for m in run if m not in asked] else "") + "."))
+    if not summary.get("finished", True):
+        sec.note("This run has not finished (or was interrupted): the sections below hold the measures finished "
+                 "so far.")
+    for label, a in analyses.items():
+        sec.text(f"{label}: n = {a.num_params} parameters, N = {a.num_samples} samples, "
+                 f"{a.numbers.get('hessian_matvecs', 0)} Hessian-vector products.")
+    table = summary.get("table")
+    if table and analyses:
+        sec.table(table["headers"], table["rows"])
+    for label, errs in (summary.get("derived_errors") or {}).items():
+        for part, message in errs.items():
+            sec.note(f"{label}: {part} (not asked for; needed by a measure that was) failed: {message}")
+    for label, errs in (summary.get("errors") or {}).items():
+        for part, message in (errs.items() if isinstance(errs, Mapping) else [("", errs)]):
+            sec.unavailable(f"{label}: {part}", f"failed: {message}")
+    costs = summary.get("costs") or []
+    if costs:
+        sec.folded(f"What each measure was estimated to cost before it started ({len(costs)} lines)",
+                   " · ".join(costs))

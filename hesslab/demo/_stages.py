@@ -7,7 +7,7 @@ import contextlib
 import sys
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from hesslab.analysis.pipeline import error_text
 from hesslab.errors import HesslabError
@@ -23,9 +23,12 @@ class Stages:
         total: The number of stages expected (the bar's length).
         progress: True/False forces the bar; None shows it when stderr is a terminal.
         verbose: Print a line per stage on stderr.
+        translate: ``translate(part, message) -> message``, applied to every failure logged
+            or recorded (``hesslab analyze`` names its options instead of Python arguments).
     """
 
-    def __init__(self, total: int, progress: bool | None = None, verbose: bool = True, desc: str = "hesslab"):
+    def __init__(self, total: int, progress: bool | None = None, verbose: bool = True, desc: str = "hesslab",
+                 translate: Callable[[str, str], str] | None = None):
         from tqdm.auto import tqdm
 
         self.t0 = time.perf_counter()
@@ -35,6 +38,7 @@ class Stages:
                         dynamic_ncols=True)
         self.inner_progress = None if progress is None else bool(progress)
         self.seconds: dict[str, float] = {}
+        self.translate: Callable[[str, str], str] = translate or (lambda part, message: message)
 
     def log(self, message: str) -> None:
         if self.verbose:
@@ -63,7 +67,7 @@ def log_failure(stages: Stages, name: str, exc: BaseException) -> None:
     """Log a failed part: a HesslabError by its message, anything else with its traceback
     (call it inside the ``except`` block)."""
     if isinstance(exc, HesslabError):
-        stages.log(f"  {name} failed: {exc}")
+        stages.log(f"  {name} failed: {stages.translate(name, str(exc))}")
     else:
         stages.log(f"  {name} failed:\n{traceback.format_exc()}")
 
@@ -74,7 +78,7 @@ def guard(errors: dict[str, str], name: str, stages: Stages) -> Iterator[None]:
     try:
         yield
     except Exception as exc:  # noqa: BLE001 - keep the other parts; the traceback goes to the log
-        errors[name] = error_text(exc)
+        errors[name] = stages.translate(name, error_text(exc))
         log_failure(stages, name, exc)
 
 

@@ -18,6 +18,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from hesslab.analysis.powerlaw import LAMBDA1_FACTOR, MIN_K_TO_DECIDE
 from hesslab.report import Report, Section, plots
 
 from ._text import CITE_GHORBANI, CITE_SINGH, CITE_WU, CITE_XIE, curve_indices, fmt, missing, pretty, safe
@@ -38,7 +39,8 @@ def ghorbani_section(rep: Report, analyses: Mapping[str, Any], histories: Mappin
         intro=("Ghorbani et al. estimate the full eigenvalue density of the Hessian by stochastic Lanczos "
                "quadrature and find that, without BatchNorm, a few large isolated eigenvalues (outliers, about "
                "one per class) separate from the bulk early in training and the gradient concentrates in their "
-               "eigenspace; with BatchNorm both effects almost vanish."),
+               "eigenspace; with BatchNorm both effects almost vanish."
+               + ("" if demo else " Below: the same measurements on this model, as far as they were asked for.")),
     )
     dens = {k: a.results["density"] for k, a in analyses.items() if "density" in a.results}
     _density_figure(sec, analyses, dens, demo, log)
@@ -130,7 +132,8 @@ def _batchnorm_comparison(sec: Section, analyses: Mapping[str, Any], demo: bool)
                      nb.get("concentration"), nb.get("negative_mass"), nb.get("trace"), nb.get("trace_std_error")])
     sec.table(["model", "λ₁", "outliers (top-k)", "outliers (density)", "gradient concentration",
                "mass below 0", "trace (Hutch++)", "± s.e."], rows,
-              caption="With and without BatchNorm, side by side.")
+              caption=("With and without BatchNorm, side by side." if demo else
+                       "Measured on this model (n/a: not asked for, or not measured; see the summary)."))
     if demo:
         for base in ("mlp", "cnn"):
             a, b = analyses.get(base), analyses.get(f"{base}_bn")
@@ -232,6 +235,10 @@ def _kfac_model(sec: Section, label: str, ka: Any, log: Any) -> None:
     if ka.skipped:
         sec.note(f"{pretty(label)}: layers without a Kronecker form, left out: "
                  + "; ".join(f"{k} ({v})" for k, v in ka.skipped.items()))
+    if getattr(ka, "not_compared", None):
+        sec.note(f"{pretty(label)}: exact layer blocks computed for {', '.join(ka.layers) or 'no layer'} only; "
+                 f"not computed (each costs a Lanczos run on the layer) for {len(ka.not_compared)} layer(s): "
+                 + "; ".join(f"{k} ({v})" for k, v in ka.not_compared.items()))
     if not ka.layers:
         return
     curves = {name: ka.results[f"{name.replace('.', '_') or 'root'}/overlap"] for name in ka.layers
@@ -356,6 +363,14 @@ def _seed_figure(sec: Section, seeds: Mapping[str, Any] | None, summary: Mapping
 # ======================================================================================
 
 
+def _fitted_ks(analyses: Mapping[str, Any]) -> str:
+    """"K = 30" (or "K = 30 / 60" for several models): what the power law was fitted to."""
+    ks = sorted({int(a.results["power_law"].k) for a in analyses.values() if "power_law" in a.results})
+    if not ks:
+        ks = sorted({len(a.results["top_k"].eigenvalues) for a in analyses.values() if "top_k" in a.results})
+    return "K = " + " / ".join(map(str, ks)) + " eigenvalues" if ks else "eigenvalues"
+
+
 def xie_section(rep: Report, analyses: Mapping[str, Any], log: Any = None) -> None:
     sec = rep.section(
         "Power-law spectrum of the top eigenvalues",
@@ -364,7 +379,9 @@ def xie_section(rep: Report, analyses: Mapping[str, Any], log: Any = None) -> No
                "λ_k = λ₁ k^(−s). hesslab fits it by maximum likelihood (Clauset et al., cutoff at the K-th "
                "eigenvalue) and accepts it when the Kolmogorov–Smirnov distance d_ks is below d_c = 1.36/√K; a "
                "log-log least-squares line is shown as a second estimate. The paper used K = 1000 on small "
-               "networks; the demo fits the top K computed by Lanczos, so the test is less powerful."),
+               f"networks; here the top {_fitted_ks(analyses)} computed by Lanczos are fitted. The verdict is "
+               f"'undecided' below K = {MIN_K_TO_DECIDE} (the test cannot reject a linearly decaying spectrum "
+               f"there) and when the fitted λ₁ misses the largest eigenvalue by more than {LAMBDA1_FACTOR:g}×."),
     )
     rows = []
     for label, a in analyses.items():
@@ -382,7 +399,7 @@ def xie_section(rep: Report, analyses: Mapping[str, Any], log: Any = None) -> No
             if fit is not None:
                 nums += [("ŝ (MLE) ± s.e.", f"{fmt(fit.s)} ± {fmt(fit.s_std_error, 2)}"),
                          ("d_ks / d_c", f"{fmt(fit.ks_distance)} / {fmt(fit.ks_critical)}"),
-                         ("verdict", "power law" if fit.is_power_law else "not a power law"),
+                         ("verdict", f"{fit.verdict}: {fit.verdict_reason}"),
                          ("least squares s, R²", f"{fmt(fit.s_lstsq)}, {fmt(fit.r2)}")]
             sec.figure(
                 f"top_eigenvalues_{label}", plots.top_eigenvalues(top, fit, pretty(label)),
@@ -394,9 +411,9 @@ def xie_section(rep: Report, analyses: Mapping[str, Any], log: Any = None) -> No
         safe(sec, f"top eigenvalues of {pretty(label)}", fig, log)
         if fit is not None:
             rows.append([pretty(label), fit.k, fit.s, fit.s_std_error, fit.beta, fit.ks_distance, fit.ks_critical,
-                         fit.is_power_law, fit.s_lstsq, fit.r2, fit.num_dropped])
+                         fit.verdict, fit.s_lstsq, fit.r2, fit.num_dropped])
     if rows:
-        sec.table(["model", "K", "ŝ", "± s.e.", "β̂", "d_ks", "d_c", "power law?", "s (least sq.)", "R²",
+        sec.table(["model", "K", "ŝ", "± s.e.", "β̂", "d_ks", "d_c", "verdict", "s (least sq.)", "R²",
                    "dropped ≤ 0"], rows)
     missing(sec, analyses, "top_k", "top eigenvalues")
     missing(sec, analyses, "power_law", "power-law fit")

@@ -52,6 +52,7 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .na { background: #fdecea; border-left: 4px solid #d93025; padding: 0.5em 0.8em; margin: 1em 0; }
 nav ul { columns: 2; font-size: 0.93em; }
 code { background: #f4f4f6; padding: 0 0.2em; }
+details { margin: 0.6em 0 1em; } summary { cursor: pointer; color: #333; }
 """
 
 
@@ -116,8 +117,14 @@ class Section:
         png = fig if isinstance(fig, (bytes, bytearray)) else fig_to_png(fig)
         self.items.append(("figure", _Figure(name, bytes(png), caption, list(numbers), title)))
 
-    def table(self, headers: Sequence[str], rows: Sequence[Sequence[Any]], caption: str = "") -> None:
-        self.items.append(("table", (list(headers), [list(r) for r in rows], caption)))
+    def table(self, headers: Sequence[str], rows: Sequence[Sequence[Any]], caption: str = "",
+              fold: str = "") -> None:
+        """A table; with ``fold`` it is folded (HTML ``<details>``) under that summary line."""
+        self.items.append(("table", (list(headers), [list(r) for r in rows], caption, fold)))
+
+    def folded(self, summary: str, text: str) -> None:
+        """A paragraph folded (HTML ``<details>``) under a summary line, for long lists."""
+        self.items.append(("folded", (summary, text)))
 
     def heading(self, text: str) -> None:
         """A sub-heading inside the section."""
@@ -191,10 +198,15 @@ class Report:
                 if kind == "figure":
                     parts.append(self._figure_html(item))
                 elif kind == "table":
-                    headers, rows, caption = item
+                    headers, rows, caption, fold = item
                     if caption:
                         parts.append(f"<p>{_esc(caption)}</p>")
-                    parts.append(_table_html(headers, rows))
+                    table = _table_html(headers, rows)
+                    parts.append(f"<details><summary>{_esc(fold)}</summary>{table}</details>" if fold else table)
+                elif kind == "folded":
+                    summary, text = item
+                    parts.append(f'<details><summary>{_esc(summary)}</summary><p class="intro">{_esc(text)}</p>'
+                                 "</details>")
                 elif kind == "heading":
                     parts.append(f"<h3>{_esc(item)}</h3>")
                 elif kind == "text":

@@ -7,6 +7,7 @@ log-log axes with the power-law fit (Xie et al.).
 
 from __future__ import annotations
 
+import textwrap
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -14,7 +15,7 @@ import numpy as np
 __all__ = [
     "new_figure", "density_panels", "top_eigenvalues", "overlap_curves", "kfac_vs_exact",
     "low_rank_shares", "concentration_curves", "outlier_panels", "tracking_lines", "density_heatmaps",
-    "rank_sweep", "rank_bars", "singular_values", "training_curves", "dominant_panels",
+    "rank_sweep", "rank_bars", "singular_values", "training_curves", "dominant_panels", "integer_ticks",
 ]
 
 
@@ -31,6 +32,14 @@ def new_figure(width: float = 7.0, height: float = 4.5, nrows: int = 1, ncols: i
 
 def _axes_list(axes: Any) -> list:
     return list(np.atleast_1d(axes).ravel())
+
+
+def integer_ticks(ax: Any, which: str = "x") -> None:
+    """Ticks at whole numbers only on an axis of counts or indices (no 2.5, 7.5)."""
+    from matplotlib.ticker import MaxNLocator
+
+    for name in which:
+        getattr(ax, f"{name}axis").set_major_locator(MaxNLocator(integer=True))
 
 
 def density_panels(groups: Mapping[str, Sequence[tuple[str, Any]]], floor: float = 1e-7, pad: float = 0.04,
@@ -110,6 +119,7 @@ def overlap_curves(curves: Mapping[str, Any], title: str):
     ax.plot([], [], ":", color="0.4", label="random subspaces (k/n)")
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("k (dimension of the top-k eigenspace)")
+    integer_ticks(ax)
     ax.set_ylabel("overlap ‖U_kᵀV_k‖²_F / k")
     ax.set_title(title)
     ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2 if len(curves) < 4 else 1)
@@ -127,6 +137,7 @@ def kfac_vs_exact(pairs: Mapping[str, tuple[np.ndarray, np.ndarray]], title: str
         ax.semilogy(np.arange(1, kfac.size + 1), np.maximum(kfac, 1e-12), "s--", ms=3, mfc="none",
                     color=f"C{i}", label=f"{label}: E[M] ⊗ E[xxᵀ]")
     ax.set_xlabel("index i")
+    integer_ticks(ax)
     ax.set_ylabel("eigenvalue λ_i (log scale)")
     ax.set_title(title)
     ax.legend(fontsize="small", ncol=2)
@@ -150,7 +161,9 @@ def low_rank_shares(groups: Mapping[str, Mapping[str, Any]], title: str):
         ax.legend(fontsize="small", loc="lower left")
         ax.grid(alpha=0.25)
     _axes_list(axes)[0].set_ylabel("share of the top singular value σ₁²/Σσ²")
-    fig.suptitle(title)
+    integer_ticks(_axes_list(axes)[0])
+    # One panel (one model) is narrow: wrap the title rather than cut it at the edges.
+    fig.suptitle(textwrap.fill(title, max(30, int(11 * 5.0 * len(groups)))))
     return fig
 
 
@@ -165,6 +178,7 @@ def concentration_curves(results: Mapping[str, Any], title: str):
         ax.axhline(r.k / r.num_params, color="0.4", ls=":", lw=1, label=f"random subspace (k/n ≈ {r.k / r.num_params:.1e})")
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("j (top-j Hessian eigenvectors)")
+    integer_ticks(ax)
     ax.set_ylabel("‖V_jᵀ g‖² / ‖g‖²")
     ax.set_title(title)
     ax.legend(fontsize="small")
@@ -233,9 +247,13 @@ def tracking_lines(histories: Mapping[str, Any], xlabel: str = "epoch"):
     a_conc.set_ylim(-0.02, 1.02)
     a_conc.set_title("Gradient concentration in the top-k eigenspace")
     a_ks.set_ylabel("Kolmogorov–Smirnov distance")
-    a_ks.set_title("Power-law fit of the top-k eigenvalues (accepted below dotted)")
+    a_ks.set_title("Power-law fit of the top-k eigenvalues (KS accepts below dotted)")
+    integer_ticks(a_out, "y")
+    lo, hi = a_out.get_ylim()  # all counts 0: without room for 1 the integer locator falls back to fractions
+    a_out.set_ylim(min(lo, -0.5), max(hi, 1.5))
     for ax in (a_lam, a_out, a_conc, a_ks):
         ax.set_xlabel(xlabel)
+        integer_ticks(ax)
         ax.grid(alpha=0.25)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize="small")
@@ -299,6 +317,7 @@ def rank_sweep(rows: Sequence[Mapping[str, Any]], title: str, x_key: str = "hidd
         ax.plot(x, meas, "o", color=f"C{i}", ms=6, mfc="none", mew=1.5, label=f"{names[part]}: measured")
     ax.plot(x, [r["num_params"] for r in rows], ":", color="0.4", label="n (number of parameters)")
     ax.set_xlabel(xlabel)
+    integer_ticks(ax, "xy")
     ax.set_ylabel("rank")
     ax.set_title(title)
     ax.legend(fontsize="small", ncol=2)
@@ -345,6 +364,7 @@ def training_curves(runs: Mapping[str, Mapping[str, Any]]):
         ax.semilogy(ck, loss[np.array(ck, dtype=int) - 1] if ck else [], "o", color=f"C{i}", ms=4)
     ax.plot([], [], "o", color="0.4", ms=4, label="checkpoint kept")
     ax.set_xlabel("epoch")
+    integer_ticks(ax)
     ax.set_ylabel("mean training loss (cross-entropy, log scale)")
     ax.set_title("Training on scikit-learn's digits (SGD, momentum 0.9)")
     ax.legend(fontsize="small")

@@ -1,0 +1,239 @@
+"""``hesslab analyze``: its options, their checks (before any work) and the run; every
+message names the CLI's options, not the Python arguments behind them."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Callable
+from typing import Any
+
+from hesslab.errors import HesslabError
+
+from ._common import add_threads_option, choose_threads, positive_int
+from ._load import LOSSES, check_first_batch, load_checkpoint, load_data, load_loss, load_model
+from ._output import finish
+
+__all__ = ["add_analyze_parser", "cmd_analyze", "parse_measures", "make_translator", "DEFAULT_MAX_BATCHES",
+           "DEFAULT_KFAC_STEPS", "MAX_KFAC_K"]
+
+#: Batches taken from the loader by default (they are held in memory).
+DEFAULT_MAX_BATCHES = 8
+#: Lanczos steps on each exact layer block of the Kronecker comparison, by default.
+DEFAULT_KFAC_STEPS = 150
+#: The most top eigenpairs compared per layer (``--k`` beyond it is cut there).
+MAX_KFAC_K = 20
+
+#: Python argument names in operator and solver messages -> the options of this command.
+_RENAMES = (
+    (r"run hl\.spectral_density with more num_steps or lower window", "run with a larger --slq-steps"),
+    (r"window \+ 2 = ", ""),
+    (r"^density_or_eigenvalues: ", ""),
+    (r"reorthogonalize='local'", "--slq-reorthogonalize local"),
+    (r"\bnum_steps\b", "--slq-steps"),
+    (r"\bnum_probes\b", "--slq-probes"),
+    (r"\bnum_matvecs\b", "--trace-matvecs"),
+    (r"\btrain_mode=True\b", "--train-mode"),
+    (r"pass dtype= ", "pass --dtype "),
+    (r"pass params= ", "pass --params "),
+    (r"^params:", "--params:"),
+    (r"^dtype:", "--dtype:"),
+    (r"^kfac_layers:", "--kfac-layers:"),
+)
+
+
+def make_translator(args: argparse.Namespace) -> Callable[[str, str], str]:
+    """``translate(part, message)``: a solver's or operator's message in this command's words."""
+
+    def translate(part: str, message: str) -> str:
+        if "Krylov basis needs" in message and "Options:" in message:
+            head = message[:message.index("Options:")]
+            if part.startswith("density") or part.startswith("outliers"):
+                return head + (f"Options: fewer --slq-steps (now {args.slq_steps}), fewer --slq-probes (now "
+                               f"{args.slq_probes}), or --slq-reorthogonalize local (3 vectors per probe instead "
+                               "of one per step; the same density).")
+            if part in ("top_k", "power_law", "concentration"):
+                return head + (f"Options: a smaller --k (now {args.k}; the Lanczos basis holds up to max(300, "
+                               "40 k) vectors), or leave top_k, power_law and concentration out of --measures.")
+            return head + (f"Options: fewer or smaller layers in --kfac-layers, fewer --kfac-steps (now "
+                           f"{args.kfac_steps}), or leave kfac out of --measures.")
+        for pattern, replacement in _RENAMES:
+            message = re.sub(pattern, replacement, message)
+        return message
+
+    return translate
+
+
+def parse_measures(text: str) -> list[str]:
+    from hesslab.demo import ANALYZE_MEASURES
+
+    items = [m.strip() for m in text.split(",") if m.strip()]
+    if items == ["all"]:
+        return list(ANALYZE_MEASURES)
+    unknown = [m for m in items if m not in ANALYZE_MEASURES]
+    if unknown or not items:
+        raise HesslabError(f"--measures: unknown measure(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
+                           f"choose a comma-separated subset of {','.join(ANALYZE_MEASURES)} (or 'all')")
+    return list(dict.fromkeys(items))
+
+
+def _parse_device(text: str) -> Any:
+    import torch
+
+    try:
+        device = torch.device(text)
+    except Exception as exc:  # noqa: BLE001
+        raise HesslabError(f"--device: not a torch device: {text!r} (e.g. cpu, cuda, cuda:1)") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise HesslabError(f"--device: {text!r} asked for, but CUDA is not available (torch "
+                               f"{torch.__version__}, CUDA build: {torch.version.cuda}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise HesslabError(f"--device: {text!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise HesslabError(f"--device: {text!r} is not supported; use cpu or cuda[:index]")
+    return device
+
+
+def _parse_blocks(model: Any, specs: list[str] | None, label: str) -> dict[str, list[str]] | None:
+    """``--params`` (repeatable; each a comma-separated list of names, modules or globs) ->
+    ``{block label: items}``, each checked against the model; None without ``--params``."""
+    from hesslab.linops import select_parameters
+
+    if not specs:
+        return None
+    blocks: dict[str, list[str]] = {}
+    for spec in specs:
+        items = [s.strip() for s in spec.split(",") if s.strip()]
+        if not items:
+            raise HesslabError(f"--params: {spec!r} names no parameter")
+        try:
+            select_parameters(model, items)
+        except HesslabError as exc:
+            why = re.sub(r"^params:\s*", "", str(exc))
+            raise HesslabError(f"--params {spec!r}: {why}") from exc
+        name = f"{label}." + (re.sub(r"[^A-Za-z0-9_.-]+", "_", "+".join(items)).strip("_.") or "block")
+        while name in blocks:
+            name += "_"
+        blocks[name] = items
+    return blocks
+
+
+def _kfac_layers(model: Any, text: str) -> Any:
+    """``--kfac-layers``: None (the largest and the last), "all" or names/globs, checked
+    against the model's Linear and Conv2d layers."""
+    from torch import nn
+
+    from hesslab.demo import choose_layers
+
+    if text == "auto":
+        return None
+    spec: Any = "all" if text == "all" else [s.strip() for s in text.split(",") if s.strip()]
+    sizes = {n: sum(p.numel() for p in m.parameters(recurse=False)) for n, m in model.named_modules()
+             if isinstance(m, (nn.Linear, nn.Conv2d))}
+    choose_layers(sizes, spec)  # raises on a name that matches no layer
+    return spec
+
+
+def _data_note(used: dict[str, Any], max_batches: int) -> str:
+    if used["truncated"]:
+        total = f" of {used['batches_in_loader']}" if used.get("batches_in_loader") else ""
+        return (f"the first {used['batches']} batches{total} in the loader ({used['samples']} samples; "
+                f"--max-batches {max_batches}); the rest was not used")
+    return f"all {used['batches']} batch(es) of the loader ({used['samples']} samples)"
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    import torch
+
+    from hesslab.demo import Budget, run_analysis
+
+    measures = parse_measures(args.measures)
+    device = _parse_device(args.device)
+    loss_fn, loss_name = load_loss(args.loss)
+    if "kfac" in measures and loss_name not in LOSSES and not isinstance(
+            loss_fn, (torch.nn.CrossEntropyLoss, torch.nn.MSELoss)):
+        raise HesslabError("--measures: kfac needs --loss cross_entropy or mse (the Kronecker factors propagate the "
+                           "Hessian of a known loss); drop kfac from --measures or use a built-in loss")
+    torch.manual_seed(args.seed)
+    model = load_model(args.model)
+    if args.checkpoint:
+        load_checkpoint(model, args.checkpoint)
+    num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if not num_params:
+        raise HesslabError("--model: the model has no parameter with requires_grad=True; nothing to analyse")
+    blocks = _parse_blocks(model, args.params, args.label)
+    kfac_layers = _kfac_layers(model, args.kfac_layers) if "kfac" in measures else None
+    threads = choose_threads(args.threads, num_params)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    model = model.to(device)
+    data, used = load_data(args.data, device, args.max_batches)
+    num_classes = check_first_batch(model, loss_fn, data)
+    budget = Budget(slq_steps=args.slq_steps, slq_probes=args.slq_probes, trace_matvecs=args.trace_matvecs,
+                    layer_k=min(args.k, MAX_KFAC_K), layer_max_steps=args.kfac_steps,
+                    slq_reorthogonalize=args.slq_reorthogonalize)
+    options: dict[str, Any] = {"train_mode": bool(args.train_mode)}
+    if args.dtype:
+        options["dtype"] = getattr(torch, args.dtype)
+    source = {"model": args.model, "checkpoint": args.checkpoint or "", "data": args.data, "loss": args.loss,
+              "device": str(device), "batches": used["batches"], "samples": used["samples"],
+              "data_used": _data_note(used, args.max_batches), "outputs": num_classes,
+              "mode": "train" if args.train_mode else "eval", "dtype": args.dtype or "the model's"}
+    summary = run_analysis(model, loss_fn, data, measures=measures, out=args.out, k=args.k, seed=args.seed,
+                           label=args.label, loss_name=loss_name, source=source, verbose=not args.quiet,
+                           budget=budget, blocks=blocks, hessian_options=options, kfac_layers=kfac_layers,
+                           translate=make_translator(args))
+    return finish(summary, args, "hesslab analyze")
+
+
+def add_analyze_parser(sub: Any) -> None:
+    from hesslab.demo import ANALYZE_MEASURES
+
+    p = sub.add_parser(
+        "analyze", help="the same analyses on your model: --model pkg.module:factory --data pkg.module:loader",
+        description=("Loads a model from a factory (pkg.module:name or path/to/file.py:name: an nn.Module or a "
+                     "callable returning one), optionally a state_dict checkpoint, and data from a loader factory "
+                     "(a callable returning a DataLoader, a list of (inputs, targets) batches or one such pair), "
+                     "then measures the Hessian of the mean loss over the batches used. Each measure says what "
+                     "it will cost before it starts; report.html and summary.json are rewritten after each one."))
+    p.add_argument("--model", required=True, metavar="MOD:FACTORY", help="model factory, e.g. mypkg.models:make_net")
+    p.add_argument("--checkpoint", metavar="FILE", help="state_dict to load (torch.save(model.state_dict(), FILE))")
+    p.add_argument("--data", required=True, metavar="MOD:LOADER", help="loader factory, e.g. mypkg.data:val_loader")
+    p.add_argument("--loss", default="cross_entropy", metavar="LOSS",
+                   help="cross_entropy, mse or pkg.module:fn (fn(output, targets) -> mean loss); default %(default)s")
+    p.add_argument("--measures", default="all",
+                   help=f"comma-separated subset of {','.join(ANALYZE_MEASURES)}, or all (default); the ones a "
+                        "measure needs run too (power_law, concentration: top_k; outliers: density or top_k)")
+    p.add_argument("--params", action="append", metavar="NAMES",
+                   help="measure the Hessian of these parameters only: comma-separated names, module names or "
+                        "globs (e.g. 'layer4.*'); repeat for several blocks, one result set each (default: all)")
+    p.add_argument("--train-mode", action="store_true",
+                   help="evaluate the model in train mode (BatchNorm batch statistics, dropout; checked to be "
+                        "deterministic); default: eval mode")
+    p.add_argument("--dtype", choices=("float32", "float64"), default=None,
+                   help="run the Hessian products in this dtype (default: the model's own)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:index] (default: cpu)")
+    p.add_argument("--out", default="hesslab-analysis", metavar="DIR", help="output folder (default: %(default)s)")
+    p.add_argument("--k", type=positive_int, default=10, help="top eigenpairs (Lanczos, concentration, "
+                   f"per-layer Kronecker comparison up to {MAX_KFAC_K}); default 10")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random vector (default 0)")
+    p.add_argument("--max-batches", type=positive_int, default=DEFAULT_MAX_BATCHES, metavar="N",
+                   help="use the first N batches of the loader, held in memory (default %(default)s; the report "
+                        "says how much data was used)")
+    p.add_argument("--slq-steps", type=positive_int, default=80, help="Lanczos steps per SLQ probe (default 80)")
+    p.add_argument("--slq-probes", type=positive_int, default=8, help="SLQ probes (default 8)")
+    p.add_argument("--slq-reorthogonalize", choices=("full", "local"), default="full",
+                   help="full: keep every probe's basis (default); local: keep 3 vectors per probe, for large "
+                        "models (same density, see hesslab.spectral_density)")
+    p.add_argument("--trace-matvecs", type=positive_int, default=99, help="Hutch++ products (default 99)")
+    p.add_argument("--kfac-layers", default="auto", metavar="LAYERS",
+                   help="layers whose exact Hessian block kfac compares with the Kronecker factors: comma-separated "
+                        "names or globs, 'all', or auto (default: the largest layer and the last one)")
+    p.add_argument("--kfac-steps", type=positive_int, default=DEFAULT_KFAC_STEPS,
+                   help="at most this many Lanczos steps (products) per exact layer block (default %(default)s)")
+    add_threads_option(p)
+    p.add_argument("--label", default="model", help="name of the model in files and the report (default: model)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout (logs go to stderr)")
+    p.add_argument("--quiet", action="store_true", help="no log lines on stderr")
+    p.set_defaults(func=cmd_analyze)
