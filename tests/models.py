@@ -28,6 +28,9 @@ __all__ = [
     "regression_data",
     "image_data",
     "num_params",
+    "tiny_gpt2",
+    "tiny_vit",
+    "token_batch",
 ]
 
 _ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "sigmoid": nn.Sigmoid, "gelu": nn.GELU}
@@ -180,3 +183,63 @@ def regression_data(
     W = torch.randn(out_features, in_features, generator=gen, dtype=torch.float64)
     Y = X @ W.T + 0.1 * torch.randn(num_samples, out_features, generator=gen, dtype=torch.float64)
     return X.to(device=device, dtype=dtype), Y.to(device=device, dtype=dtype)
+
+
+# ------------------------------------------------------------------ transformers (tiny, no download)
+def tiny_gpt2(attn: str = "sdpa", seed: int = 0, n_layer: int = 1, n_embd: int = 8, vocab: int = 16,
+              n_positions: int = 8) -> nn.Module:
+    """transformers ``GPT2LMHeadModel`` from a config (float64, eval): ~1.1k parameters.
+
+    ``attn`` is the attention implementation ("sdpa", the default, or "eager"); the
+    weights depend on ``seed`` only, so two calls with different ``attn`` are one model.
+    ``lm_head.weight`` is tied to ``transformer.wte.weight``, as in GPT-2.
+    """
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    cfg = GPT2Config(
+        n_layer=n_layer, n_embd=n_embd, n_head=2, vocab_size=vocab, n_positions=n_positions,
+        bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        loss_type="ForCausalLM", attn_implementation=attn,
+    )
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(cfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # larger weights than GPT-2's 0.02 init: a non-trivial Hessian
+        for p in model.parameters():
+            p.copy_(0.5 * torch.randn(p.shape, generator=gen))
+    return model.double().eval()
+
+
+def tiny_vit(fused: bool = True, seed: int = 0) -> nn.Module:
+    """timm ``VisionTransformer`` on 1x8x8 images, 3 classes (float64, eval): ~400 parameters.
+
+    ``fused`` is every attention block's ``fused_attn`` (timm's default on torch 2 is True,
+    i.e. ``F.scaled_dot_product_attention``).
+    """
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(seed)
+    model = VisionTransformer(
+        img_size=8, patch_size=4, in_chans=1, num_classes=3, embed_dim=8, depth=1, num_heads=2,
+        mlp_ratio=2.0,
+    )
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.5 * torch.randn(p.shape, generator=gen))
+    for blk in model.blocks:
+        blk.attn.fused_attn = fused
+    return model.double().eval()
+
+
+def token_batch(batch: int, length: int, vocab: int = 16, seed: int = 0, ignore: int = 0) -> dict:
+    """A causal-LM batch ``{"input_ids", "labels"}`` with ``ignore`` labels set to -100."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, length), generator=gen)
+    labels = ids.clone()
+    if ignore:
+        flat = labels.view(-1)
+        flat[torch.randperm(flat.numel(), generator=gen)[:ignore]] = -100
+    return {"input_ids": ids, "labels": labels}

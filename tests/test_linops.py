@@ -740,3 +740,18 @@ def test_wrong_second_derivatives_are_caught_at_the_first_product():
                               nn.Linear(6, 3)).double()
         A = op(model, CE, (X, y), train_mode=True, check_deterministic=False)
         A @ torch.ones(A.shape[0], dtype=torch.float64)
+
+
+def test_ggn_cross_entropy_closed_form_equals_double_backward():
+    model = mlp()
+    X, y = _data()
+    y = y.clone()
+    y[:3] = -100  # ignored samples: the mean runs over the others
+    V = torch.randn(sum(p.numel() for p in model.parameters()), 3, dtype=torch.float64)
+    for loss_fn in (CE, nn.CrossEntropyLoss(label_smoothing=0.1), torch.nn.functional.cross_entropy):
+        ref = GGN(model, loss_fn, (X, y), output_curvature="autograd") @ V
+        assert_close(GGN(model, loss_fn, (X, y), output_curvature="analytic") @ V, ref)
+        assert_close(GGN(model, loss_fn, (X, y), method="func", output_curvature="analytic") @ V, ref)
+    with pytest.raises(HesslabError, match="output_curvature"):
+        G = GGN(mlp(), MSE, regression_data(), output_curvature="analytic")
+        G @ torch.ones(G.shape[0], dtype=torch.float64)

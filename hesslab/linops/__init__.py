@@ -6,9 +6,13 @@ vectors; parameters flattened row-major in ``named_parameters()`` order) and sup
 
 Modules:
     _base       LinearOperator, DenseOperator, sums and multiples, and the building blocks
-                PermutationOperator (a change of layout) and ChainOperator (A_1 ... A_m).
+                PermutationOperator (a change of layout), ChainOperator (A_1 ... A_m) and
+                SubblockOperator (Sᵀ A S, the block of some flat entries).
+    _attention  the math SDPA backend every model call runs under; fused attention refused.
+    _lmloss     the loss from the output: loss_fn, the model's own, a causal LM's token CE
+                (weights by predicted tokens), the closed-form cross-entropy curvature.
     _data       the batch format: (inputs, targets) pairs with tensor, tuple or dict
-                inputs; the re-iterable data source.
+                inputs, and dict batches (model(**batch)); the re-iterable data source.
     _params     parameter selection and the flat-vector layout.
     _model      ModelData, the one model/data base every curvature operator stands on
                 (constructor checks, batches and weights, model calls, modes, casting,
@@ -23,7 +27,7 @@ Modules:
 
 from __future__ import annotations
 
-from hesslab.linops._base import DenseOperator, LinearOperator
+from hesslab.linops._base import DenseOperator, LinearOperator, SubblockOperator
 from hesslab.linops._data import call_model, input_tensors, is_single_batch, map_inputs
 from hesslab.linops._curvature import CurvatureOperator
 from hesslab.linops._hessian import GGN, Hessian
@@ -34,6 +38,7 @@ __all__ = [
     # base and algebra
     "LinearOperator",
     "DenseOperator",
+    "SubblockOperator",
     # curvature of a model's loss
     "CurvatureOperator",
     "Hessian",

@@ -363,3 +363,36 @@ class ChainOperator(LinearOperator):
 
     def __repr__(self) -> str:
         return " @ ".join(repr(op) for op in self.ops)
+
+
+class SubblockOperator(LinearOperator):
+    """Sᵀ A S for the coordinate selection S = I[:, index]: the block of A on some entries.
+
+    A vector of the block (k,) is scattered into zeros at ``index`` of A's layout, A is
+    applied and the entries at ``index`` are gathered back, so the block of a parameter
+    that fuses several (GPT-2's ``c_attn``: query, key and value columns) is an operator
+    of its own. Symmetric when A is.
+
+    Args:
+        op: The (n, n) operator.
+        index: Shape (k,), distinct integer positions in 0..n-1 (A's flat layout).
+    """
+
+    def __init__(self, op: LinearOperator, index: Tensor):
+        index = torch.as_tensor(index, dtype=torch.long, device=op.device).reshape(-1)
+        if index.numel() == 0 or int(index.min()) < 0 or int(index.max()) >= op.shape[0]:
+            raise HesslabError(f"index: expected positions in [0, {op.shape[0]}), got {index.numel()} entries")
+        if torch.unique(index).numel() != index.numel():
+            raise HesslabError("index: positions must be distinct")
+        k = int(index.numel())
+        super().__init__((k, k), op.dtype, op.device)
+        self.op = op
+        self.index = index
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        full = torch.zeros(self.op.shape[0], V.shape[1], dtype=V.dtype, device=V.device)
+        full.index_copy_(0, self.index, V)  # S V: (n, b)
+        return self.op.matmat(full).index_select(0, self.index)  # Sᵀ A S V: (k, b)
+
+    def __repr__(self) -> str:
+        return f"SubblockOperator(k={self.shape[0]}, of {self.op!r})"

@@ -105,10 +105,17 @@ class CurvatureOperator(LinearOperator):
             substituted functionally (``torch.func.functional_call``).
         loss_fn: ``loss_fn(output, targets) -> scalar``, the MEAN loss over the batch
             (e.g. ``nn.CrossEntropyLoss()`` or ``nn.MSELoss()`` with the default
-            ``reduction="mean"``). A summed loss would weight batches wrongly.
+            ``reduction="mean"``). A summed loss would weight batches wrongly. ``None``:
+            the model's output carries the loss (``.loss`` or ``["loss"]``, transformers
+            style); for a causal LM (``*ForCausalLM``) the operator is then the Hessian of
+            the mean token cross-entropy over ALL predicted tokens of the data (labels
+            shifted by one, ``-100`` ignored), each batch weighted by its number of
+            predicted tokens (see :mod:`hesslab.linops._lmloss`).
         data: One ``(inputs, targets)`` batch, or a re-iterable iterable of them (a list,
-            a ``DataLoader``), iterated once per product.
-        params: Which parameters θ are: ``None`` for all with ``requires_grad=True``, or
+            a ``DataLoader``), iterated once per product. A batch may also be a dict
+            (``BatchEncoding``, any mapping): ``model(**batch)``, its ``labels`` the targets.
+        params: Which parameters θ are: ``None`` for all with ``requires_grad=True`` (a
+            frozen base with trainable adapters, LoRA/PEFT style, gives the adapters'), or
             names, submodule names, glob patterns, modules or parameter tensors (see
             :func:`hesslab.linops._params.select_parameters`). The operator is then the
             block for those parameters.
@@ -140,6 +147,8 @@ class CurvatureOperator(LinearOperator):
             passes over one batch, once.
 
     Attributes:
+        notes: What hesslab decided for this model, e.g. that products run under the math
+            SDPA backend (attention models; logged once per model).
         param_names: The selected parameter names, in layout order.
         param_shapes: Their shapes.
         hvp_path: ``"graph"`` (kept autograd graph), ``"autograd"`` or ``"func"``: the
@@ -181,6 +190,7 @@ class CurvatureOperator(LinearOperator):
             batch_size_fn=batch_size_fn, name=type(self).__name__,
         )
         self._md = md
+        self.notes: list[str] = md.notes  # the math attention backend, the loss used
         self.model = model
         self.loss_fn = loss_fn
         self.train_mode = md.train_mode
@@ -290,6 +300,7 @@ class CurvatureOperator(LinearOperator):
             out = self._check_output(self._md.forward({**others, **selected}, inputs, first=True))
             self._md.check_targets(out, targets, index)
             loss = self._loss(out, targets)
+            self._md.check_loss_head({**others, **selected}, inputs, targets)
         self._md.check_differentiable(out, targets)
         if not loss.is_floating_point():
             raise HesslabError(f"loss_fn: returned a {loss.dtype} loss; expected a floating scalar")

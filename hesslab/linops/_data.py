@@ -2,14 +2,18 @@
 
 A batch is a pair ``(inputs, targets)``: ``targets`` is a tensor handed to
 ``loss_fn(output, targets)``; ``inputs`` is a tensor (``model(inputs)``), a tuple or
-list of tensors (``model(*inputs)``) or a dict (``model(**inputs)``). ``data`` is one
-batch, or an iterable of batches that can be iterated more than once (a list, a
-``DataLoader``): it is iterated once per product.
+list of tensors (``model(*inputs)``) or a dict (``model(**inputs)``). A batch may also
+be a mapping as transformers users write it (a dict, ``BatchEncoding``, ``UserDict``):
+the model's keyword arguments, ``labels`` included, ``model(**batch)``; its targets are
+``batch["labels"]`` (for ``loss_fn`` and the batch's weight; with ``loss_fn=None`` the
+model's own loss is used, see :mod:`hesslab.linops._lmloss`). ``data`` is one batch, or
+an iterable of batches that can be iterated more than once (a list, a ``DataLoader``):
+it is iterated once per product.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -21,12 +25,14 @@ Batch = tuple[Any, Tensor]
 
 
 def is_single_batch(data: Any) -> bool:
-    """True when ``data`` is one ``(inputs, targets)`` pair rather than an iterable of them."""
+    """True when ``data`` is one batch (a pair or a mapping) rather than an iterable of them."""
+    if isinstance(data, Mapping):
+        return True
     return (
         isinstance(data, (tuple, list))
         and len(data) == 2
         and isinstance(data[1], Tensor)
-        and isinstance(data[0], (Tensor, tuple, list, dict))
+        and isinstance(data[0], (Tensor, tuple, list, Mapping))
     )
 
 
@@ -34,7 +40,7 @@ def input_tensors(inputs: Any) -> list[Tensor]:
     """The tensors among a batch's inputs (a tensor, a sequence or a dict of them)."""
     if isinstance(inputs, Tensor):
         return [inputs]
-    if isinstance(inputs, dict):
+    if isinstance(inputs, Mapping):
         return [v for v in inputs.values() if isinstance(v, Tensor)]
     if isinstance(inputs, (tuple, list)):
         return [v for v in inputs if isinstance(v, Tensor)]
@@ -45,7 +51,7 @@ def map_inputs(inputs: Any, fn: Callable[[Tensor], Tensor]) -> Any:
     """Apply ``fn`` to every tensor of the inputs, keeping the container."""
     if isinstance(inputs, Tensor):
         return fn(inputs)
-    if isinstance(inputs, dict):
+    if isinstance(inputs, Mapping):
         return {k: fn(v) if isinstance(v, Tensor) else v for k, v in inputs.items()}
     if isinstance(inputs, (tuple, list)):
         return type(inputs)(fn(v) if isinstance(v, Tensor) else v for v in inputs)
@@ -56,7 +62,7 @@ def call_model(model: Callable[..., Any], inputs: Any) -> Any:
     """``model(inputs)``, ``model(*inputs)`` or ``model(**inputs)`` by the inputs' type."""
     if isinstance(inputs, Tensor):
         return model(inputs)
-    if isinstance(inputs, dict):
+    if isinstance(inputs, Mapping):
         return model(**inputs)
     return model(*inputs)
 
@@ -93,7 +99,7 @@ class DataSource:
         if self.single:
             self.data = data
             return
-        if isinstance(data, (Tensor, str, bytes, dict)) or data is None:
+        if isinstance(data, (Tensor, str, bytes)) or data is None:
             raise HesslabError(
                 "data: expected one (inputs, targets) batch or an iterable of such batches "
                 f"(a list, a DataLoader), got {type(data).__name__}"
@@ -146,11 +152,13 @@ class DataSource:
 
     @staticmethod
     def _unpack(batch: Any, index: int) -> Batch:
+        if isinstance(batch, Mapping):
+            return _unpack_mapping(batch, index)
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
             raise HesslabError(
                 f"data: batch {index} is a {type(batch).__name__}"
                 + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
-                + "; expected an (inputs, targets) pair"
+                + "; expected an (inputs, targets) pair or a dict of the model's keyword arguments"
             )
         inputs, targets = batch
         if not isinstance(targets, Tensor):
@@ -164,6 +172,23 @@ class DataSource:
                 "tensor; expected a tensor, or a tuple/list/dict of tensors"
             )
         return inputs, targets
+
+
+def _unpack_mapping(batch: Mapping, index: int) -> Batch:
+    """A mapping batch: every entry is a keyword argument; the targets are its labels."""
+    inputs = dict(batch)
+    labels = inputs.get("labels")
+    if not isinstance(labels, Tensor):
+        keys = ", ".join(repr(k) for k in inputs) or "none"
+        raise HesslabError(
+            f"data: batch {index} is a dict without a 'labels' tensor (keys: {keys}). A dict batch "
+            "is passed as model(**batch) and its labels are the targets (the model's own loss "
+            "with loss_fn=None needs them): add batch['labels'] (for a causal language model, "
+            "labels = input_ids), or pass (inputs, targets) pairs."
+        )
+    if not input_tensors(inputs):  # pragma: no cover - labels is a tensor
+        raise HesslabError(f"data: batch {index} holds no tensor")
+    return inputs, labels
 
 
 def check_devices(inputs: Any, targets: Tensor, device: torch.device, index: int) -> None:

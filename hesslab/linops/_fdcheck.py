@@ -135,7 +135,7 @@ def ggn_difference(op: CurvatureOperator, full: dict[str, Tensor], inputs: Any,
     def output(step: float) -> Tensor:
         torch.manual_seed(_SEED)
         p = {k: sel[k] + step * shifts[k][0] for k in op.param_names}
-        return md.forward({**full, **p}, inputs)
+        return md.logits(md.forward({**full, **p}, inputs))
 
     Ju = (output(eps) - output(-eps)) / (2 * eps)
     norm = float(Ju.norm())
@@ -143,7 +143,7 @@ def ggn_difference(op: CurvatureOperator, full: dict[str, Tensor], inputs: Any,
         return torch.zeros_like(u)
     torch.manual_seed(_SEED)
     leaves = [sel[k].detach().requires_grad_(True) for k in op.param_names]
-    z = md.forward({**full, **dict(zip(op.param_names, leaves))}, inputs)
+    z = md.logits(md.forward({**full, **dict(zip(op.param_names, leaves))}, inputs))
 
     def grad_z(step: float) -> Tensor:
         zz = (z.detach() + step * Ju / norm).requires_grad_(True)

@@ -11,9 +11,13 @@ it everything that is about the model and the data rather than about the curvatu
 * the data source (one batch or a re-iterable iterable, see :mod:`hesslab.linops._data`)
   and the per-batch weights n_k (the number of samples of batch k), with a tqdm bar over
   batches on request;
-* calling the model on tuple and dict inputs with the parameters and buffers
-  substituted functionally (``torch.func.functional_call``), cast to ``dtype`` and
-  checked for the device of the data;
+* calling the model on tuple and dict inputs (and dict batches, ``model(**batch)``) with
+  the parameters and buffers substituted functionally (``torch.func.functional_call``),
+  cast to ``dtype`` and checked for the device of the data, always under the math SDPA
+  backend (:mod:`hesslab.linops._attention`: fused attention has no double backward);
+* the loss from the output (:class:`~hesslab.linops._lmloss.LossHead`): ``loss_fn``, the
+  model's own ``.loss`` (``loss_fn=None``), or a causal LM's token cross-entropy, with
+  each batch's weight (samples, or predicted tokens for a causal LM);
 * the model's mode (eval by default, train on request; every module's own flag and the
   parameters' ``requires_grad`` are restored after each use) and the determinism check;
 * the first-batch data checks: half-precision data, inputs the model cannot take (their
@@ -24,6 +28,8 @@ it everything that is about the model and the data rather than about the curvatu
 
 Notation: batches B_1, ..., B_K with n_k samples each, N = Σ_k n_k over all ranks;
 ``loss_fn`` returns the batch MEAN L_k, so the sample-mean loss is L = (1/N) Σ_k n_k L_k.
+For a causal LM with ``loss_fn=None``, n_k is the batch's number of predicted tokens and
+L the mean over all predicted tokens.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from hesslab.errors import HesslabError
+from hesslab.linops._attention import attention_notes, math_attention
 from hesslab.linops._data import (
     DataSource,
     call_model,
@@ -47,6 +54,7 @@ from hesslab.linops._data import (
     check_devices,
     input_tensors,
 )
+from hesslab.linops._lmloss import LossHead
 
 __all__ = [
     "ModelData",
@@ -126,8 +134,11 @@ class ModelData:
             ``model(**inputs)`` for tuple or dict inputs). Never modified: its mode and
             ``requires_grad`` flags are restored after every use, and parameters are
             substituted functionally.
-        loss_fn: ``loss_fn(output, targets) -> scalar``, the MEAN loss over the batch.
-        data: One ``(inputs, targets)`` batch, or a re-iterable iterable of them.
+        loss_fn: ``loss_fn(output, targets) -> scalar``, the MEAN loss over the batch, or
+            ``None``: the model's output carries the loss (``.loss`` / ``["loss"]``; a
+            causal LM's token cross-entropy, see :mod:`hesslab.linops._lmloss`).
+        data: One ``(inputs, targets)`` batch or dict batch (``model(**batch)``, its
+            ``labels`` the targets), or a re-iterable iterable of them.
         dtype: Run in this floating dtype (cast copies of parameters, buffers and
             floating data); ``None`` keeps the parameters' dtype.
         train_mode: Evaluate the model in train mode (BatchNorm batch statistics,
@@ -138,6 +149,8 @@ class ModelData:
         name: The operator's name, for the progress bar and messages.
 
     Attributes:
+        head: The :class:`~hesslab.linops._lmloss.LossHead` (how the loss comes from the output).
+        notes: What hesslab decided for this model (the math attention backend, the loss).
         device, dtype: Set by :meth:`check_parameters` (the operator's).
         num_data: N over all ranks, once a full pass counted it (else ``None``).
 
@@ -160,7 +173,7 @@ class ModelData:
     ):
         if not isinstance(model, nn.Module):
             raise HesslabError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-        if not callable(loss_fn):
+        if loss_fn is not None and not callable(loss_fn):
             raise HesslabError(f"loss_fn: expected a callable, got {type(loss_fn).__name__}")
         if getattr(loss_fn, "reduction", "mean") == "sum":
             raise HesslabError(
@@ -176,6 +189,10 @@ class ModelData:
         self.train_mode = bool(train_mode)
         self.progress = bool(progress)
         self.name = name
+        self.head = LossHead(model, loss_fn)
+        self.notes: list[str] = attention_notes(model) + self.head.notes
+        if batch_size_fn is None and self.head.kind == "causal_lm":
+            batch_size_fn = self.head.count
         self.source = DataSource(data, batch_size_fn)
         self.device: torch.device = torch.device("cpu")
         self.dtype: torch.dtype = dtype or torch.get_default_dtype()
@@ -268,7 +285,11 @@ class ModelData:
                 :class:`HesslabError` about the data's shapes (the usual cause).
         """
         try:
-            return call_model(lambda *a, **k: functional_call(self.model, tensors, a, k), inputs)
+            with math_attention():
+                return call_model(
+                    lambda *a, **k: functional_call(self.model, tensors, a, k),
+                    self.head.model_inputs(inputs),
+                )
         except RuntimeError as err:
             ints = [
                 t.dtype for t in input_tensors(inputs) if not (t.is_floating_point() or t.is_complex())
@@ -340,9 +361,25 @@ class ModelData:
                 "Give the targets the outputs' shape (e.g. targets.view_as(outputs))."
             )
 
+    def check_loss_head(self, tensors: dict[str, Tensor], inputs: Any, targets: Tensor) -> None:
+        """A causal LM's token cross-entropy against the model's own loss, on one batch."""
+        if self.head.kind != "causal_lm":
+            return
+        full = dict(inputs) if isinstance(inputs, dict) else None
+        if full is None:
+            return
+        full["labels"] = targets
+        with torch.no_grad(), math_attention():
+            out = call_model(lambda *a, **k: functional_call(self.model, tensors, a, k), full)
+        self.head.check_first(out, targets)
+
+    def logits(self, output: Any) -> Tensor:
+        """The tensor the loss is a function of (GGN, KFAC): the output, or a causal LM's logits."""
+        return self.head.logits(output)
+
     def loss(self, output: Any, targets: Tensor) -> Tensor:
-        """``loss_fn(output, targets)`` checked to be a scalar; shape ()."""
-        loss = self.loss_fn(output, targets)
+        """The batch's mean loss (``loss_fn``, the model's, or the causal-LM one); shape ()."""
+        loss = self.head.value(output, targets)
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             got = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
             raise HesslabError(

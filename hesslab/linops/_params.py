@@ -112,6 +112,14 @@ def select_parameters(model: nn.Module, params: ParamSpec) -> tuple[list[str], l
                 f"params: item {item!r} of type {type(item).__name__} is not a name, glob "
                 "pattern, nn.Module or parameter tensor"
             )
+        if not matches and isinstance(item, str):
+            alias = {n: by_id.get(id(p)) for n, p in model.named_parameters(remove_duplicate=False)}
+            if alias.get(item):
+                raise HesslabError(
+                    f"params: {item!r} is tied to {alias[item]!r} (one parameter under two names, "
+                    f"e.g. GPT-2's lm_head and wte); hesslab lists it once, as {alias[item]!r}: "
+                    "select that name"
+                )
         if not matches:
             what = repr(item) if isinstance(item, str) else f"the given {type(item).__name__}"
             raise HesslabError(

@@ -21,7 +21,9 @@ The batch loop, casting, modes and collectives are the
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 import warnings
 from typing import Any, NamedTuple
 
@@ -31,10 +33,13 @@ from torch import Tensor
 from hesslab.errors import HesslabError
 from hesslab.linops._model import ModelData, all_reduce_sum_, global_count
 from hesslab.linops.kfac import _math
+from hesslab.linops.kfac._exact import ExactM
 from hesslab.linops.kfac._layers import KronLayer, display
 from hesslab.linops.kfac._loss import LossSpec, check_output
 
 __all__ = ["FactorResult", "KFACComputer", "KronFactors", "SampleTerms"]
+
+_log = logging.getLogger("hesslab.linops")
 
 
 class KronFactors(NamedTuple):
@@ -136,6 +141,7 @@ class KFACComputer:
         self.curvature = curvature
         self.reduce = kfac_approx == "reduce"
         self.ggn_fallback: dict[str, str] = {}
+        self._exact = ExactM()
 
     # ------------------------------------------------------------------ probing
     def probe(self, warn: dict[str, str]) -> dict[str, str]:
@@ -166,7 +172,7 @@ class KFACComputer:
         finally:
             for h in handles:
                 h.remove()
-        check_output(self.loss, self.md.loss_fn, out, targets, first=True)
+        out = check_output(self.loss, self.md.loss_fn, self._logits(out), targets, first=True)
         self.md.check_differentiable(out, targets)
         kept = []
         for lay in self.layers:
@@ -200,13 +206,16 @@ class KFACComputer:
         dtype, device = self.md.dtype, self.md.device
         A = [torch.zeros(lay.in_aug, lay.in_aug, dtype=dtype, device=device) for lay in self.layers]
         B = [torch.zeros(lay.out_dim, lay.out_dim, dtype=dtype, device=device) for lay in self.layers]
-        count = 0
+        count = weight = 0  # samples (A's normaliser), loss terms (B's: tokens for a causal LM)
         flagged: set[str] | None = None if self.curvature == "exact" else set()
         self.ggn_fallback = {}
         tensors = self.md.tensors()
-        for _, inputs, targets, size in self.md.batches():
+        start = time.perf_counter()
+        for b, (_, inputs, targets, size) in enumerate(self.md.batches()):
             sums, n, flagged = self._batch_terms(inputs, targets, tensors, flagged, per_sample=False)
-            if n != size:
+            if b == 0 and flagged:
+                self._estimate(time.perf_counter() - start, flagged)
+            if n != size and self.loss.kind != "causal_lm":
                 raise HesslabError(
                     f"data: a batch has {size} targets but the model saw {n} samples; the first "
                     "dimensions of inputs, outputs and targets must be the batch"
@@ -215,12 +224,13 @@ class KFACComputer:
                 A[l] += a
                 B[l] += b
             count += n
+            weight += size
         for t in A + B:
             all_reduce_sum_(t)
-        count = global_count(count)
-        self.md.num_data = count
+        count, weight = global_count(count), global_count(weight)
+        self.md.num_data = weight
         A = [(a + a.T) / (2 * count) for a in A]
-        B = [(b + b.T) / (2 * count) for b in B]
+        B = [(b + b.T) / (2 * weight) for b in B]
         exact = [lay.name for lay in self.layers if flagged and lay.name in flagged]
         self._warn_fallback()
         bad = [lay.name for lay, a, b in zip(self.layers, A, B)
@@ -230,7 +240,19 @@ class KFACComputer:
                 f"model: the Kronecker factors of {', '.join(map(repr, bad))} hold NaN or Inf; check "
                 "the data and parameters for NaN/Inf, or build in float64 (dtype=torch.float64)"
             )
-        return FactorResult(A, B, count, exact, dict(self.ggn_fallback))
+        return FactorResult(A, B, weight, exact, dict(self.ggn_fallback))
+
+    def _estimate(self, first: float, flagged: set[str]) -> None:
+        """Log the first batch's time and the estimate for the whole pass (exact M only)."""
+        batches = len(self.md.source)
+        total = f"; about {first * batches:.0f} s for all {batches} batches" if batches > 1 else ""
+        _log.info(
+            "KFAC: exact M for %d layer(s) (%d Hessian-vector directions, %s) took %.1f s on the "
+            "first batch%s. It costs P·C double-backward products per layer shared over P "
+            "positions; curvature='ggn' (the Gauss-Newton M) takes a few products per batch.",
+            len(flagged), self._exact.products,
+            "batched" if self._exact.batched else "one at a time", first, total,
+        )
 
     def _warn_fallback(self) -> None:
         if not self.ggn_fallback:
@@ -279,10 +301,13 @@ class KFACComputer:
             first = self._first_derivatives(fw, targets, deciding)
         if deciding:
             flagged = self._decide(fw, first, ggn, probe)
+        bar = self._exact_bar(fw, flagged)
         for l, lay in enumerate(self.layers):
             if lay.name in flagged:
-                M_l = self._exact_M(l, fw.deltas[l], first[l])  # (n, P or 1, out, out)
+                M_l = self._exact_M(l, fw.deltas[l], first[l], bar)  # (n, P or 1, out, out)
                 M[l] = M_l if per_sample else M_l.sum(dim=(0, 1))
+        if bar is not None:
+            bar.close()
         terms: list[Any] = []
         for l, lay in enumerate(self.layers):
             if per_sample:
@@ -291,6 +316,18 @@ class KFACComputer:
             else:
                 terms.append((_math.input_term(rows[l]), self._or_zeros(M[l], (lay.out_dim, lay.out_dim))))
         return terms, n, flagged
+
+    def _exact_bar(self, fw: _Forward, flagged: set[str]) -> Any:
+        """A tqdm bar over this batch's exact-M directions (None when there are few)."""
+        total = sum(
+            self._exact.directions(_math.RULES[lay.kind].output_rows(fw.deltas[l]).shape, self.reduce)
+            for l, lay in enumerate(self.layers) if lay.name in flagged
+        )
+        if total < 256:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc="KFAC exact M", unit="hvp", leave=False, disable=None)
 
     def _or_zeros(self, t: Tensor | None, shape: tuple[int, ...]) -> Tensor:
         return t if t is not None else torch.zeros(shape, dtype=self.md.dtype, device=self.md.device)
@@ -317,13 +354,22 @@ class KFACComputer:
         finally:
             for h in handles:
                 h.remove()
-        out = check_output(self.loss, self.md.loss_fn, out, targets)
+        out = check_output(self.loss, self.md.loss_fn, self._logits(out), targets)
         missing = [lay.name for lay in self.layers if lay.name not in deltas]
         if missing:
             raise HesslabError(
                 f"model: layer(s) {missing} were not called on this batch; KFAC needs a fixed forward graph"
             )
         return _Forward(out, [xs[lay.name] for lay in self.layers], [deltas[lay.name] for lay in self.layers])
+
+    def _logits(self, out: Any) -> Any:
+        """The tensor the loss is a function of (a causal LM's logits), else the output."""
+        return self.md.logits(out) if self.loss.kind == "causal_lm" else out
+
+    def _loss_sum(self, out: Tensor, targets: Tensor) -> Tensor:
+        """Σ of the batch's loss terms: the mean times n samples, or times its tokens."""
+        weight = self.md.head.count(None, targets) if self.loss.kind == "causal_lm" else None
+        return self.md.loss(out, targets) * (out.shape[0] if weight is None else weight)
 
     def _input_rows(self, l: int, x: Tensor) -> Tensor:
         """The (augmented, for "reduce" averaged) input rows of layer l; (n, P or 1, in+1)."""
@@ -341,10 +387,7 @@ class KFACComputer:
             return M
         S = _math.sqrt_columns(self.loss.kind, fw.out, targets)  # (K, n, *out)
         n = fw.out.shape[0]
-        for k in range(S.shape[0]):
-            grads = torch.autograd.grad(
-                fw.out, [fw.deltas[l] for l in ggn], S[k], retain_graph=True, allow_unused=True
-            )
+        for grads in self._exact.pullbacks(fw.out, [fw.deltas[l] for l in ggn], S):
             if probe is not None:
                 probe.add(ggn, grads, n)
             for l, g in zip(ggn, grads):
@@ -360,7 +403,7 @@ class KFACComputer:
     def _first_derivatives(self, fw: _Forward, targets: Tensor, deciding: bool) -> tuple[Tensor | None, ...]:
         """∂(Σ_j ℓ_j)/∂δ_l for every layer, with the graph kept for second derivatives."""
         n = fw.out.shape[0]
-        loss_sum = self.md.loss(fw.out, targets) * n  # Σ_j ℓ_j
+        loss_sum = self._loss_sum(fw.out, targets)  # Σ_j ℓ_j
         try:
             return torch.autograd.grad(loss_sum, fw.deltas, create_graph=True, allow_unused=True)
         except RuntimeError as err:
@@ -406,33 +449,11 @@ class KFACComputer:
                 flagged.add(self.layers[l].name)
         return flagged
 
-    def _exact_M(self, l: int, d: Tensor, g1: Tensor | None) -> Tensor:
-        """Exact per-sample M of layer l by Hessian-vector products w.r.t. its δ.
-
-        "expand": M_j[t, t] column by column, one position at a time (P·C products);
-        "reduce": Σ_{t,t'} M_j[t, t'] from one direction per channel at all positions (C).
+    def _exact_M(self, l: int, d: Tensor, g1: Tensor | None, bar: Any = None) -> Tensor:
+        """Exact per-sample M of layer l (see :mod:`hesslab.linops.kfac._exact`).
 
         Returns:
             (n, P, C, C) ("expand") or (n, 1, C, C) ("reduce"), symmetrised.
         """
         rule = _math.RULES[self.layers[l].kind]
-        rows_shape = rule.output_rows(d).shape  # (n, P, C)
-        n, P, C = rows_shape
-        spots: list[int | None] = [None] if self.reduce else list(range(P))
-        M = torch.zeros(n, len(spots), C, C, dtype=self.md.dtype, device=self.md.device)
-        if g1 is None or not g1.requires_grad:
-            return M
-        for i, t in enumerate(spots):
-            for c in range(C):
-                E = torch.zeros(rows_shape, dtype=d.dtype, device=d.device)
-                if t is None:
-                    E[:, :, c] = 1
-                else:
-                    E[:, t, c] = 1
-                (hv,) = torch.autograd.grad(
-                    g1, d, rule.rows_to_output(E, d.shape), retain_graph=True, allow_unused=True
-                )
-                if hv is not None:
-                    r = rule.output_rows(hv)
-                    M[:, i, :, c] = r.sum(1) if t is None else r[:, t, :]
-        return (M + M.transpose(-1, -2)) / 2
+        return self._exact.compute(g1, d, rule, self.reduce, self.md.dtype, bar)

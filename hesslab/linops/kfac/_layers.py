@@ -1,11 +1,20 @@
 """Which modules are Kronecker layers, and the layout of their parameters.
 
-A Kronecker layer is an ``nn.Linear`` or an ``nn.Conv2d`` with ``groups=1``, owning a
-weight and optionally a bias and nothing else, sharing no parameter with another module.
-Its augmented weight W̃ = [W | b] has shape (out, in + 1) (in = C_in·kh·kw for a
-convolution), flattened row-major in the Kronecker layout; the model layout holds the
-weight (out·in entries) then the bias (out entries). :func:`layer_perm` maps one to the
-other.
+A Kronecker layer is an ``nn.Linear``, an ``nn.Conv2d`` with ``groups=1`` or a
+transformers ``Conv1D`` (GPT-2's linear layer with a transposed weight), owning a weight
+and optionally a bias and nothing else, sharing no parameter with another module (tied
+weights, e.g. GPT-2's ``lm_head.weight`` = ``transformer.wte.weight``, are skipped with a
+warning that names both). Its augmented weight W̃ = [W | b] has shape (out, in + 1)
+(in = C_in·kh·kw for a convolution), flattened row-major in the Kronecker layout; the
+model layout holds the weight (out·in entries) then the bias (out entries).
+:func:`layer_perm` maps one to the other.
+
+Vec order of ``Conv1D``: its weight is stored (in, out) and computes z = x W + b, so
+W = weightᵀ is the (out, in) matrix of the other layers; the model layout flattens the
+STORED weight row-major, entry (s, r) (input s, output r) at s·out + r, while the
+Kronecker layout holds W̃[r, s] at r·(in+1) + s as for every layer (``transposed=True``
+in :func:`layer_perm`). The factors are A over the ``in`` inputs, B over the ``out``
+outputs, the block B ⊗ A.
 """
 
 from __future__ import annotations
@@ -20,11 +29,17 @@ from torch import Tensor, nn
 
 from hesslab.errors import HesslabError
 
-__all__ = ["KronLayer", "LayerSpec", "display", "layer_perm", "resolve_layers"]
+__all__ = ["KronLayer", "LayerSpec", "display", "is_conv1d", "layer_perm", "resolve_layers"]
 
 LayerSpec = Union[None, str, nn.Module, Iterable[Union[str, nn.Module]]]
 
 _SUPPORTED = (nn.Linear, nn.Conv2d)
+_NAMES = "nn.Linear, nn.Conv2d (groups=1) and transformers' Conv1D"
+
+
+def is_conv1d(m: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2), recognised without importing transformers."""
+    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and getattr(m, "weight", None) is not None
 _GLOB_CHARS = set("*?[")
 
 
@@ -41,6 +56,7 @@ class KronLayer:
         offset, numel: Its entries in the operator's flat (model-layout) vectors.
         positions: P seen on the last batch (informational).
         out_shape: The per-sample output shape seen on the first batch.
+        transposed: The weight is stored (in, out) (``Conv1D``).
     """
 
     name: str
@@ -54,6 +70,7 @@ class KronLayer:
     numel: int = 0
     positions: int = 1
     out_shape: tuple[int, ...] = ()
+    transposed: bool = False
 
     @property
     def in_aug(self) -> int:
@@ -71,10 +88,14 @@ def display(name: str) -> str:
     return name if name else "<root>"
 
 
-def layer_perm(out_dim: int, in_dim: int, bias: bool) -> Tensor:
-    """Kronecker position r·(in+1) + s -> position in the layer's [weight, bias] layout; (numel,)."""
+def layer_perm(out_dim: int, in_dim: int, bias: bool, transposed: bool = False) -> Tensor:
+    """Kronecker position r·(in+1) + s -> position in the layer's [weight, bias] layout; (numel,).
+
+    ``transposed``: the weight is stored (in, out) (``Conv1D``), entry (s, r) at s·out + r.
+    """
     r = torch.arange(out_dim)[:, None]
-    idx = r * in_dim + torch.arange(in_dim)[None, :]  # (out, in): weight entries
+    s = torch.arange(in_dim)[None, :]
+    idx = s * out_dim + r if transposed else r * in_dim + s  # (out, in): weight entries
     if bias:
         idx = torch.cat([idx, out_dim * in_dim + r], dim=1)  # bias as the last column
     return idx.reshape(-1)
@@ -99,10 +120,10 @@ def resolve_layers(model: nn.Module, layers: LayerSpec) -> tuple[list[KronLayer]
     """
     modules = dict(model.named_modules())
     owners = {n: m for n, m in modules.items() if any(True for _ in m.parameters(recurse=False))}
-    counts: dict[int, int] = {}
-    for m in modules.values():
-        for p in m.parameters(recurse=False):
-            counts[id(p)] = counts.get(id(p), 0) + 1
+    counts: dict[int, list[str]] = {}  # parameter -> every name it has (tied: several)
+    for mn, m in modules.items():
+        for pn, p in m.named_parameters(recurse=False):
+            counts.setdefault(id(p), []).append(f"{mn}.{pn}" if mn else pn)
     if layers is None:
         explicit: set[str] = set()
         chosen = [
@@ -119,35 +140,44 @@ def resolve_layers(model: nn.Module, layers: LayerSpec) -> tuple[list[KronLayer]
             if name in explicit:
                 raise HesslabError(
                     f"layers: {display(name)!r} ({reason}) cannot be a KFAC layer; KFAC supports "
-                    "nn.Linear and nn.Conv2d (groups=1). Use layer_hessian() for its exact block."
+                    f"{_NAMES}. Use layer_hessian() for its exact block."
                 )
             warn[name] = reason
             continue
         prefix = name + "." if name else ""
+        t = is_conv1d(m)
         out.append(KronLayer(
-            name=name, module=m, kind="linear" if isinstance(m, nn.Linear) else "conv2d",
-            out_dim=m.weight.shape[0], in_dim=int(m.weight[0].numel()), bias=m.bias is not None,
+            name=name, module=m,
+            kind="conv1d" if t else "linear" if isinstance(m, nn.Linear) else "conv2d",
+            out_dim=m.weight.shape[1] if t else m.weight.shape[0],
+            in_dim=m.weight.shape[0] if t else int(m.weight[0].numel()), bias=m.bias is not None,
             param_names=[prefix + "weight"] + ([prefix + "bias"] if m.bias is not None else []),
+            transposed=t,
         ))
     if not out:
         listed = ", ".join(f"{display(k)} ({r})" for k, r in warn.items())
         raise HesslabError(
-            "layers: no supported layer selected (KFAC handles nn.Linear and nn.Conv2d); "
+            f"layers: no supported layer selected (KFAC handles {_NAMES}); "
             + (f"unsupported: {listed}" if warn else "the model has no layer with trainable parameters")
         )
     return out, warn
 
 
-def _unsupported(m: nn.Module, counts: dict[int, int]) -> str | None:
+def _unsupported(m: nn.Module, counts: dict[int, list[str]]) -> str | None:
     """Why ``m`` cannot be a Kronecker layer, or None."""
-    if not isinstance(m, _SUPPORTED):
+    if not (isinstance(m, _SUPPORTED) or is_conv1d(m)):
         return f"{type(m).__name__}: no Kronecker-factored form"
     if isinstance(m, nn.Conv2d) and m.groups != 1:
         return f"Conv2d with groups={m.groups}: not supported"
     if set(dict(m.named_parameters(recurse=False))) - {"weight", "bias"}:
         return f"{type(m).__name__} with extra parameters"
-    if any(counts[id(p)] > 1 for p in m.parameters(recurse=False)):
-        return "shares a parameter with another module (tied weights)"
+    for p in m.parameters(recurse=False):
+        names = counts[id(p)]
+        if len(names) > 1:
+            return (
+                f"tied weights: {' = '.join(names)} is one parameter used by several modules; its "
+                f"Hessian block is that of {names[0]!r} (select it with Hessian(params=...))"
+            )
     return None
 
 
@@ -197,7 +227,7 @@ def _select(
             prefix = root + "." if root else ""
             matched |= {k for k in owners if k.startswith(prefix) and k != root}
         if not matched:
-            supported = [k for k, m in owners.items() if isinstance(m, _SUPPORTED)]
+            supported = [k for k, m in owners.items() if isinstance(m, _SUPPORTED) or is_conv1d(m)]
             raise HesslabError(
                 f"layers: {item!r} matches no layer with parameters. Kronecker layers of the model: "
                 + (", ".join(repr(display(k)) for k in supported[:12]) or "(none)")

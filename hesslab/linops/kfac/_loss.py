@@ -3,7 +3,12 @@
 KFAC needs the loss's Hessian with respect to the model output in closed form (through
 the square-root columns of :func:`hesslab.linops.kfac._math.sqrt_columns`), so it
 recognises cross-entropy and mean squared error, or trusts ``loss_type`` and compares
-the loss's value with the formula on the first batch.
+the loss's value with the formula on the first batch. With ``loss_fn=None`` and a causal
+language model (transformers ``*ForCausalLM``) it uses the token cross-entropy
+("causal_lm"): logits (B, T, V), position t predicting ``labels[:, t+1]``, ``-100``
+ignored, the mean over the predicted tokens; each token is a term of the loss, so B is
+normalised by the number of predicted tokens and A by the number of sequences (see
+:mod:`hesslab.linops.kfac._computer`).
 """
 
 from __future__ import annotations
@@ -29,8 +34,21 @@ class LossSpec(NamedTuple):
     label_smoothing: float
 
 
-def resolve_loss(loss_fn: Any, loss_type: str | None) -> LossSpec:
-    """Recognise the loss, or trust ``loss_type`` (checked numerically on the first batch)."""
+def resolve_loss(loss_fn: Any, loss_type: str | None, head_kind: str = "fn") -> LossSpec:
+    """Recognise the loss, or trust ``loss_type`` (checked numerically on the first batch).
+
+    Args:
+        head_kind: The :class:`~hesslab.linops._lmloss.LossHead` kind ("causal_lm" with
+            ``loss_fn=None`` and a causal LM).
+    """
+    if loss_fn is None:
+        if head_kind == "causal_lm":
+            return LossSpec("causal_lm", 0.0)
+        raise HesslabError(
+            "loss_fn: None (the model's own loss) is supported by KFAC for causal language models "
+            "(transformers *ForCausalLM: the token cross-entropy); for other models pass "
+            "nn.CrossEntropyLoss() or nn.MSELoss() with (inputs, targets) batches"
+        )
     if loss_type is not None:
         if loss_type not in LOSS_TYPES:
             raise HesslabError(f"loss_type: expected one of {LOSS_TYPES} or None, got {loss_type!r}")
@@ -88,6 +106,13 @@ def check_output(spec: LossSpec, loss_fn: Any, out: Any, targets: Tensor, first:
             f"data: the model's output has shape {tuple(out.shape)} but the targets "
             f"{tuple(targets.shape)}; their first dimensions (the batch) must agree"
         )
+    if spec.kind == "causal_lm":
+        if out.dim() != 3 or targets.shape != out.shape[:2]:
+            raise HesslabError(
+                f"data: a causal LM's logits (B, T, V) and labels (B, T) must agree; got logits "
+                f"{tuple(out.shape)} and labels {tuple(targets.shape)}"
+            )
+        return out
     if spec.kind == "cross_entropy":
         _check_cross_entropy(loss_fn, out, targets)
     elif targets.shape != out.shape:
@@ -104,7 +129,8 @@ def _check_cross_entropy(loss_fn: Any, out: Tensor, targets: Tensor) -> None:
     if out.dim() != 2:
         raise HesslabError(
             f"model: cross-entropy KFAC needs outputs of shape (n, c), got {tuple(out.shape)}; "
-            "flatten extra dimensions into the batch (per-position losses are not supported)"
+            "flatten extra dimensions into the batch (per-position losses are supported for causal "
+            "LMs: loss_fn=None with a transformers *ForCausalLM model and dict batches)"
         )
     if targets.is_floating_point():
         if targets.shape != out.shape:
@@ -123,7 +149,8 @@ def _check_cross_entropy(loss_fn: Any, out: Tensor, targets: Tensor) -> None:
     if bool((targets == ignore).any()):
         raise HesslabError(
             f"data: some targets equal ignore_index={ignore}; the mean then runs over fewer "
-            "samples than the batch holds. Drop those samples from the data."
+            "samples than the batch holds. Drop those samples from the data (ignored tokens are "
+            "supported for causal LMs with loss_fn=None)."
         )
     if bool(((targets < 0) | (targets >= out.shape[1])).any()):
         raise HesslabError(f"data: class-index targets must lie in [0, {out.shape[1]})")

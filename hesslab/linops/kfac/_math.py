@@ -79,9 +79,13 @@ def _conv2d_to_output(r: Tensor, shape: torch.Size) -> Tensor:
     return r.transpose(1, 2).reshape(shape)
 
 
-#: The supported layer types by kind.
+#: The supported layer types by kind. ``conv1d`` is transformers' ``Conv1D`` (GPT-2): a
+#: linear layer z = x W + b with its weight stored transposed, (in, out); its rows are a
+#: Linear's, (n, *, in) -> (n, P, in) with the tokens as positions (the weight layout is
+#: :func:`hesslab.linops.kfac._layers.layer_perm`'s business).
 RULES: dict[str, LayerRule] = {
     "linear": LayerRule(_linear_rows, _linear_out_rows, _linear_to_output),
+    "conv1d": LayerRule(_linear_rows, _linear_out_rows, _linear_to_output),
     "conv2d": LayerRule(_conv2d_rows, _conv2d_out_rows, _conv2d_to_output),
 }
 
@@ -123,7 +127,9 @@ def sqrt_columns(kind: str, out: Tensor, targets: Tensor) -> Tensor:
     """Columns s_k of a square root of each sample's output Hessian: Σ_k s_k s_kᵀ = ∇²_out ℓ_j.
 
     Cross-entropy: s_k = √(w p_k) (e_k − p) with p = softmax(out) and w the targets' mass
-    (1 for class indices); MSE (mean over the D entries of a sample): √(2/D) e_k.
+    (1 for class indices); MSE (mean over the D entries of a sample): √(2/D) e_k; a causal
+    LM ("causal_lm", out (B, T, V)): per token the cross-entropy's, w = 1 for a predicted
+    token and 0 for an ignored one (ℓ_j = Σ_t ℓ_{j,t}, the sum over the sequence's tokens).
 
     Args:
         kind: ``"cross_entropy"`` or ``"mse"``.
@@ -131,9 +137,19 @@ def sqrt_columns(kind: str, out: Tensor, targets: Tensor) -> Tensor:
         targets: The batch's targets (probability targets weight cross-entropy by mass).
 
     Returns:
-        (K, n, *out) with K = c (cross-entropy) or D = numel per sample (MSE).
+        (K, n, *out) with K = c (cross-entropy), V (causal LM) or D = numel per sample (MSE).
     """
     n = out.shape[0]
+    if kind == "causal_lm":  # out (B, T, V); targets the unshifted labels (B, T)
+        from hesslab.linops._lmloss import IGNORE_INDEX, shifted_labels
+
+        p = torch.softmax(out.detach(), dim=-1)  # (B, T, V)
+        w = (shifted_labels(targets) != IGNORE_INDEX).to(p.dtype)[..., None]  # (B, T, 1)
+        sp = (p * w).sqrt()
+        V = p.shape[-1]
+        eye = torch.eye(V, dtype=p.dtype, device=p.device)
+        # s_k[b, t] = √(w p_k) (e_k − p): (V, B, T, V)
+        return sp.permute(2, 0, 1)[..., None] * (eye[:, None, None, :] - p[None])
     if kind == "cross_entropy":
         p = torch.softmax(out.detach(), dim=1)  # (n, c)
         c = p.shape[1]

@@ -67,7 +67,16 @@ class KFAC(LinearOperator):
         loss_type: ``"cross_entropy"`` or ``"mse"`` for a loss callable that KFAC does not
             recognise; its value is compared with the formula on the first batch.
 
+    Transformers: ``nn.Linear`` on (B, T, C) and transformers' ``Conv1D`` (GPT-2) are
+    Kronecker layers whose weight is shared over the T tokens, factored by ``kfac_approx``
+    ("expand", the default: every token a sample; "reduce": the mean token), the choice
+    recorded in ``notes``; ``loss_fn=None`` with a causal LM and dict batches uses the
+    token cross-entropy (``-100`` ignored; B over the predicted tokens, A over the
+    sequences). Tied weights (GPT-2's ``lm_head`` = ``wte``), Embedding and LayerNorm are
+    skipped, each named in the warning and in ``skipped``.
+
     Attributes:
+        notes: What was decided for this model (math attention backend, loss, approximation).
         layer_names: The Kronecker layers, in layout order.
         param_names: Their parameters in layout order (``Hessian(..., params=K.param_names)``
             is the matching exact operator).
@@ -116,7 +125,7 @@ class KFAC(LinearOperator):
         self.kfac_approx = kfac_approx
         self.progress = md.progress
         self._md = md
-        loss = resolve_loss(loss_fn, loss_type)
+        loss = resolve_loss(loss_fn, loss_type, md.head.kind)
         candidates, warn = resolve_layers(model, layers)
         md.check_parameters(
             [p for lay in candidates for p in lay.module.parameters(recurse=False)], what="model"
@@ -130,7 +139,16 @@ class KFAC(LinearOperator):
         self.exact_layers: list[str] = []
         self.ggn_fallback: dict[str, str] = {}
         self.num_data = 0
+        self.notes: list[str] = list(md.notes)  # the math attention backend, the loss used
         self.update()
+        shared = [lay.name for lay in self._layers if lay.positions > 1]
+        if shared:
+            self.notes.append(
+                f"kfac_approx={kfac_approx!r}: {len(shared)} layer(s) share their weight over "
+                f"positions/tokens (e.g. {display(shared[0])!r}); "
+                + ("each token counted as a sample (A averaged, B summed over tokens)"
+                   if kfac_approx == "expand" else "one mean input and summed output per sample")
+            )
 
     def _set_layout(self, layers: list[KronLayer]) -> Tensor:
         """Order the layers as the model's parameters; offsets; the layout permutation.
@@ -148,7 +166,9 @@ class KFAC(LinearOperator):
         for lay in layers:
             lay.offset = offset
             lay.numel = sum(numel[p] for p in lay.param_names)
-            perms.append(layer_perm(lay.out_dim, lay.in_dim, lay.bias).to(self._md.device) + offset)
+            perms.append(
+                layer_perm(lay.out_dim, lay.in_dim, lay.bias, lay.transposed).to(self._md.device) + offset
+            )
             offset += lay.numel
         self._computer.layers = layers
         self._layers = layers
