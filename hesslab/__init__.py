@@ -17,6 +17,8 @@ from __future__ import annotations
 from ._build import build_info
 from ._version import __version__
 from .analysis import (
+    BlockSpectra,
+    block_spectra,
     ConcentrationResult,
     OverlapCurve,
     eigenspace_overlap,
@@ -49,6 +51,7 @@ __all__ = [
     "power_law_fit", "PowerLawFit", "numerical_rank", "RankResult", "linear_network_rank", "LinearRankPrediction",
     "rank_report", "RankReport", "gradient_concentration", "ConcentrationResult", "outliers", "OutlierResult",
     "eigenspace_overlap", "overlap_curve", "OverlapCurve", "eigenvector_low_rank",
+    "block_spectra", "BlockSpectra",
     # through training
     "SpectrumTracker", "TrackingHistory",
 ]

@@ -7,9 +7,11 @@ eigenspace overlaps and low-rank eigenvectors), and the one measurement pipeline
     rank_report     rank_report: measured ranks of H_L, H_O, H_F against the formulas
     concentration   gradient_concentration, outliers (Ghorbani et al.)
     overlap         eigenspace overlaps, low-rank eigenvectors, dominant eigenvalues (Wu et al.)
+    block_spectra   block_spectra: per-block densities and their heterogeneity (Zhang et al. 2024)
     pipeline        measure_spectrum: loss → top-k → power law → concentration → density → trace
 """
 
+from .block_spectra import BlockSpectra, block_spectra
 from .concentration import ConcentrationResult, OutlierResult, gradient_concentration, outliers
 from .overlap import (
     DominantEigenvalues,
@@ -31,4 +33,5 @@ __all__ = [
     "RankReport", "rank_report", "ConcentrationResult", "gradient_concentration", "OutlierResult", "outliers",
     "eigenspace_overlap", "overlap_curve", "OverlapCurve", "eigenvector_low_rank", "LowRank", "dominant_eigenvalues",
     "DominantEigenvalues", "kfac_overlap", "measure_spectrum", "Measurements",
+    "block_spectra", "BlockSpectra",
 ]
