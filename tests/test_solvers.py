@@ -315,6 +315,33 @@ def test_results_save_and_load(tmp_path):
     assert SpectralDensity.load(local.save(tmp_path / "d.json")).reorthogonalize == "local"
 
 
+@pytest.mark.parametrize("grid", [None, np.linspace(-1.0, 3.0, 301)])
+def test_density_curve_is_lazy_and_identical(monkeypatch, tmp_path, grid):
+    """Issue 15: spectral_density leaves the smoothed curve to the first read of .grid,
+    .density, plot() or to_dict(); the values are those of the eager smooth_density call."""
+    from hesslab.solvers import _slq
+
+    calls = []
+    original = _slq.smooth_density
+    monkeypatch.setattr(_slq, "smooth_density", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    op = PROBLEMS[0][1]
+    kwargs = dict(num_steps=12, num_probes=3, seed=5, sigma2=1e-4, grid_size=500, grid=grid)
+    results = [spectral_density(op, **kwargs) for _ in range(4)]
+    assert calls == []
+    d = results[0]
+    g, dens, var = original(d.nodes, d.weights, 1e-4, 500, grid, counts=d.num_steps)
+    assert d.sigma2 == var
+    assert np.array_equal(d.density, dens) and np.array_equal(d.grid, g) and len(calls) == 1
+    assert d.density is d.density  # evaluated once
+    for other, first_read in zip(results[1:], [lambda r: r.grid, lambda r: r.to_dict(), lambda r: r.plot()]):
+        first_read(other)
+        assert np.array_equal(other.grid, g) and np.array_equal(other.density, dens)
+    assert len(calls) == 4
+    back = SpectralDensity.load(results[1].save(tmp_path / "d.npz"))
+    assert all(np.array_equal(np.asarray(v), np.asarray(back.to_dict()[k])) for k, v in d.to_dict().items())
+    assert len(calls) == 4 and back.sigma2 == d.sigma2
+
+
 def test_density_plot_has_log_axis():
     import matplotlib
 
