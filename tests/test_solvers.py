@@ -407,3 +407,40 @@ def test_lanczos_finds_every_copy_and_flags_only_certified_pairs(which):
     assert r.converged.all() and r.restarts >= 1
     quick = lanczos(DenseOperator(A), k=4, which=which, verify=False)  # cheaper, and may miss the third copy
     assert quick.num_matvecs < r.num_matvecs
+
+
+@pytest.fixture
+def bars(monkeypatch):
+    """Every tqdm bar the solvers open, written to a string, with (n, total) at creation and close."""
+    import io
+
+    import tqdm.auto
+
+    made = []
+
+    class Recorded(tqdm.auto.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "file": io.StringIO()})
+            self.opened_total = self.total
+            made.append(self)
+
+        def close(self):
+            self.closed_at = (self.n, self.total)
+            super().close()
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Recorded)
+    return made
+
+
+def test_progress_bars_end_at_the_real_count(bars):
+    """Issue 18: a bar counts to the budget and, when the run ends early, ends full at the
+    count reached (not at 70 of 300)."""
+    A = torch.diag(torch.tensor([5.0, 5.0, 2.0, 2.0, 1.0] * 8, dtype=torch.float64))
+    op = DenseOperator(A)
+    r = lanczos(op, k=2, progress=True, max_steps=35)
+    assert bars[-1].opened_total == 35 and bars[-1].closed_at == (r.num_steps, r.num_steps) and r.num_steps < 35
+    d = spectral_density(op, num_steps=10, num_probes=2, progress=True)  # 3 distinct values: breakdown at step 3
+    assert bars[-1].opened_total == 10 and bars[-1].closed_at == (3, 3) and d.num_steps.tolist() == [3, 3]
+    t = trace(op, 10, progress=True, batch_size=4)
+    assert bars[-1].opened_total == 10 and bars[-1].closed_at == (t.num_matvecs, 10)
+    assert len(bars) == 3

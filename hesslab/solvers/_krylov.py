@@ -22,7 +22,8 @@ sync. The driver adds what long runs need:
   basis (the eigensolver; T gets a zero off-diagonal there); the eigensolver may also end
   a chain early (a forced restart, see :class:`KrylovState`) to look for copies of an
   eigenvalue that a single Krylov space cannot hold;
-* a progress bar (tqdm; on by default only when stderr is a terminal);
+* a progress bar (tqdm; on by default only when stderr is a terminal) counting to the
+  step budget and ending at the steps actually taken (:func:`close_bar`);
 * checkpoints (:mod:`._checkpoint`): with ``checkpoint=path`` the state is written
   atomically every ``checkpoint_every`` steps, when the run is interrupted
   (KeyboardInterrupt or an error in a product) and when it finishes; a later call with
@@ -91,6 +92,17 @@ def breakdown_tol(basis_dtype: torch.dtype) -> float:
 def progress_enabled(progress: bool | None) -> bool:
     """``None`` means: show bars only when stderr is a terminal."""
     return sys.stderr.isatty() if progress is None else bool(progress)
+
+
+def close_bar(bar) -> None:
+    """Close a progress bar at the work actually done: its total is the budget (steps or
+    products) while it runs, and a run that ends before the budget (converged, broke
+    down, interrupted) sets the total to the count reached, so the bar ends full at the
+    real count rather than partway to the budget."""
+    if not bar.disable and bar.n != bar.total:
+        bar.total = bar.n
+        bar.refresh()
+    bar.close()
 
 
 @dataclass
@@ -462,7 +474,7 @@ def _iterate(op: LinearOperator, state: KrylovState, ckpt: Checkpoint | None, ma
             ckpt.write(_payload(state))
         raise
     finally:
-        bar.close()
+        close_bar(bar)
     state.finished = True
     if ckpt is not None:
         ckpt.write(_payload(state))
