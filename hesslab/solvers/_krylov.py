@@ -134,6 +134,7 @@ class KrylovState:
     C: Tensor | None = None  # (len(forced), capacity) float64: C[f, i] = ⟨q_i, d_f⟩ of run 0
     identity: tuple[float, float] | None = None  # (⟨q0, A q0⟩, ‖A q0‖) of run 0, for checkpoints
     finished: bool = False
+    extra: dict = field(default_factory=dict)  # what the caller's on_finish measured (kept in the checkpoint)
 
     def row(self, j: int) -> int:
         """Row of Q that holds basis vector j (the last vector of a local window)."""
@@ -231,6 +232,7 @@ def _payload(state: KrylovState) -> dict:
         "C": state.C[:, :j].cpu(),
         "identity": state.identity,
         "finished": state.finished,
+        "extra": dict(state.extra),
     }
 
 
@@ -250,7 +252,7 @@ def _state_from(payload: dict, rows_cap: int, coeff_cap: int, device: torch.devi
                        payload["generator_state"], local, list(payload["cuts"]), list(payload["forced"]),
                        payload["D"].to(device), C,
                        None if identity is None else (float(identity[0]), float(identity[1])),
-                       bool(payload["finished"]))
+                       bool(payload["finished"]), dict(payload.get("extra", {})))
 
 
 def _unit_starts(starts: Tensor, basis_dtype: torch.dtype, basis_device: torch.device) -> Tensor:
@@ -399,6 +401,7 @@ def run_krylov(
     checkpoint_every: int = 10,
     config: dict | None = None,
     reorthogonalize: str = "full",
+    on_finish: Callable[[KrylovState], dict] | None = None,
 ) -> KrylovState:
     """Advance b Lanczos runs from ``starts`` (b, n) for up to ``max_steps`` steps.
 
@@ -414,6 +417,10 @@ def run_krylov(
         checkpoint, checkpoint_every, config: see the module docstring; ``config`` holds
             the caller's arguments that determine the result (for the fingerprint).
         reorthogonalize: "full" or "local" (see the module docstring).
+        on_finish: with a checkpoint, called once when the run finishes, before the last
+            write; the tensors and scalars it returns are kept in ``state.extra`` and in the
+            file, so that resuming a finished run finds them there (the eigensolver keeps
+            its residual norms, which then cost no products on resume).
     """
     b, n = starts.shape
     _check_options(on_breakdown, reorthogonalize, checkpoint_every, check_every)
@@ -432,6 +439,13 @@ def run_krylov(
     if not state.finished:
         _iterate(op, state, ckpt, max_steps, on_breakdown=on_breakdown, generator=generator, tol=breakdown_tol,
                  stop=stop, check_every=check_every, progress=progress, desc=desc, checkpoint_every=checkpoint_every)
+        state.finished = True
+        if ckpt is not None:
+            try:
+                if on_finish is not None:
+                    state.extra = dict(on_finish(state))
+            finally:  # interrupted in on_finish: the steps are kept, the extras measured on resume
+                ckpt.write(_payload(state))
     return state
 
 
@@ -475,6 +489,3 @@ def _iterate(op: LinearOperator, state: KrylovState, ckpt: Checkpoint | None, ma
         raise
     finally:
         close_bar(bar)
-    state.finished = True
-    if ckpt is not None:
-        ckpt.write(_payload(state))
