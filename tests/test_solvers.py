@@ -444,3 +444,25 @@ def test_progress_bars_end_at_the_real_count(bars):
     t = trace(op, 10, progress=True, batch_size=4)
     assert bars[-1].opened_total == 10 and bars[-1].closed_at == (t.num_matvecs, 10)
     assert len(bars) == 3
+
+
+def test_one_device_read_per_step(monkeypatch):
+    """Issue 17: a driver step reads back from the device once (the flags); SLQ has no
+    convergence test, so its run reads one transfer per step plus a constant."""
+    A = torch.diag(torch.linspace(1.0, 2.0, 40, dtype=torch.float64))
+    reads = []
+    real = torch.Tensor.cpu
+
+    def counted(self, *args, **kwargs):
+        reads.append(1)
+        return real(self, *args, **kwargs)
+
+    counts = []
+    for steps in (6, 12):
+        reads.clear()
+        monkeypatch.setattr(torch.Tensor, "cpu", counted)
+        d = spectral_density(DenseOperator(A), num_steps=steps, num_probes=2)
+        monkeypatch.setattr(torch.Tensor, "cpu", real)
+        assert d.num_steps.tolist() == [steps, steps]
+        counts.append(len(reads))
+    assert counts[1] - counts[0] == 6  # six more steps, six more reads

@@ -30,6 +30,16 @@ sync. The driver adds what long runs need:
   the same arguments and the same operator resumes from it and gives the identical
   result, and one for another operator or other arguments is refused.
 
+Host syncs (issue 17): a step reads back from the device once, b + 1 booleans in one
+transfer (is any active alpha/beta non-finite; which runs broke down), because a
+breakdown must be handled (restart or stop) before the next product; the mask of active
+runs and their indices live on the host, with a device copy renewed only when a run
+stops. The ``stop`` callback (the eigensolver's convergence test) reads the tridiagonal
+entries every ``check_every`` steps; the first step reads ⟨q₀, A q₀⟩ for checkpoints; a
+breakdown restart reads the norm of its fresh vector. Reading the flags only every few
+steps would need speculative steps rolled back at a breakdown (their products wasted and
+counted), which the bitwise-resume and product-count guarantees rule out here.
+
 Notation: Q (b, m, n) the bases, alphas/betas (b, m) float64 the tridiagonal entries:
 T_i = tridiag(betas[i, :m-1], alphas[i, :m], betas[i, :m-1]).
 """
@@ -287,12 +297,27 @@ def _resume_or_start(op: LinearOperator, q0: Tensor, ckpt: Checkpoint | None, ro
     return state
 
 
-def _product(op: LinearOperator, state: KrylovState, W: Tensor, active: Tensor) -> None:
+class _Runs:
+    """The mask of runs still going, on the host (read freely) and on the basis device with
+    the indices of the active runs (copied there only when a run stops), so that a step
+    reads nothing back from the device for it."""
+
+    def __init__(self, active: Tensor, device: torch.device):
+        self.host = active.cpu()
+        self.device = device
+        self.renew()
+
+    def renew(self) -> None:
+        self.all = bool(self.host.all())
+        self.dev = self.host.to(self.device)
+        self.idx = self.host.nonzero().flatten().to(self.device)
+
+
+def _product(op: LinearOperator, state: KrylovState, W: Tensor, runs: _Runs) -> None:
     """W ← A q_j for the active runs (zeros elsewhere), in the basis dtype; ``W`` is the
     driver's own contiguous buffer, never a view of Q or of the operator's output."""
     r = state.row(state.j)
-    all_active = bool(active.all())
-    idx = active.nonzero().flatten()
+    all_active, idx = runs.all, runs.idx
     V = state.Q[:, r] if all_active else state.Q[idx, r]
     AV = op.matmat(V.T.to(device=op.device, dtype=op.dtype))  # (n, |active|)
     if state.j == 0 and state.identity is None:  # all runs are active at step 0
@@ -306,26 +331,30 @@ def _product(op: LinearOperator, state: KrylovState, W: Tensor, active: Tensor) 
         state.C[:, state.j] = state.D.double() @ state.Q[0, r].double()
 
 
-def _step(state: KrylovState, W: Tensor, active: Tensor, tol: float) -> Tensor:
+def _step(state: KrylovState, W: Tensor, runs: _Runs, tol: float) -> Tensor:
     """One compiled Lanczos step on W; records alpha and beta of the active runs; returns
-    the runs that broke down."""
+    (on the host) the runs that broke down. The step's one device-to-host transfer: the
+    finiteness check and the breakdown flags, b + 1 booleans read together."""
     j = state.j
     beta_prev = state.betas[:, j - 1].clone() if j > 0 else torch.zeros_like(state.betas[:, 0])
     if j in state.cuts:
         beta_prev[0] = 0.0  # a chain's first step: no previous vector
     alpha, beta, broke = _ops.lanczos_step_(state.Q, W, beta_prev, state.row(j), tol)
-    # A NaN/Inf entry of A q_j makes alpha or beta non-finite: one check of 2b scalars.
-    if not bool(((torch.isfinite(alpha) & torch.isfinite(beta)) | ~active).all()):
+    # A NaN/Inf entry of A q_j makes alpha or beta non-finite.
+    bad = ((~torch.isfinite(alpha) | ~torch.isfinite(beta)) & runs.dev).any()
+    flags = torch.cat([bad[None], broke.to(torch.bool)]).cpu()
+    if bool(flags[0]):
         raise HesslabError(f"the operator returned NaN or Inf at step {j}: check the model, loss and data")
-    state.alphas[:, j] = torch.where(active, alpha, state.alphas[:, j])
-    state.betas[:, j] = torch.where(active, beta, state.betas[:, j])
-    state.steps += active.long()
-    return broke & active
+    state.alphas[:, j] = torch.where(runs.dev, alpha, state.alphas[:, j])
+    state.betas[:, j] = torch.where(runs.dev, beta, state.betas[:, j])
+    state.steps += runs.dev.long()
+    return flags[1:] & runs.host
 
 
 def _after_breakdown(state: KrylovState, broke: Tensor, active: Tensor, on_breakdown: str,
                      generator: torch.Generator, max_steps: int) -> None:
-    """Restart (or stop) the runs whose Krylov space was exhausted at this step."""
+    """Restart (or stop) the runs whose Krylov space was exhausted at this step
+    (``broke`` and ``active`` are host masks; ``active`` is updated in place)."""
     j = state.j
     if not bool(broke.any()) or j + 1 >= max_steps:
         return
@@ -458,10 +487,10 @@ def _iterate(op: LinearOperator, state: KrylovState, ckpt: Checkpoint | None, ma
     b, _, n = state.Q.shape
     bar = tqdm(total=max_steps, initial=state.j, desc=desc, unit="step", disable=not progress_enabled(progress),
                leave=False)
-    active = state.steps == state.j  # runs that have not stopped
+    runs = _Runs(state.steps == state.j, state.Q.device)  # runs that have not stopped
     W = torch.empty(b, n, dtype=state.Q.dtype, device=state.Q.device)  # A q_j, then the residual
     try:
-        while state.j < max_steps and bool(active.any()):
+        while state.j < max_steps and bool(runs.host.any()):
             # The stop check runs at the top of a step so that a resumed run sees the same
             # checks as an uninterrupted one.
             if stop is not None and state.j > 0 and state.j % check_every == 0:
@@ -476,9 +505,11 @@ def _iterate(op: LinearOperator, state: KrylovState, ckpt: Checkpoint | None, ma
                 _grow(state, rows=min(row_limit, max(2 * state.Q.shape[1], r + 2)))
             if state.j + 1 >= state.alphas.shape[1]:
                 _grow(state, coeffs=min(max_steps, 2 * state.alphas.shape[1]))
-            _product(op, state, W, active)
-            broke = _step(state, W, active, tol)
-            _after_breakdown(state, broke, active, on_breakdown, generator, max_steps)
+            _product(op, state, W, runs)
+            broke = _step(state, W, runs, tol)
+            if bool(broke.any()):
+                _after_breakdown(state, broke, runs.host, on_breakdown, generator, max_steps)
+                runs.renew()
             _commit(state, generator)
             bar.update(1)
             if ckpt is not None and state.j % checkpoint_every == 0:
