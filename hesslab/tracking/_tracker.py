@@ -72,7 +72,12 @@ class SpectrumTracker:
             123 writes ``ckpt/c.step000123.pt``; see :func:`step_checkpoint`). A measurement
             interrupted at step s resumes from its file when step s is measured again; a
             finished one is never reused for another step (which would log its stale
-            eigenvalues, or be refused once the warm start changes the arguments).
+            eigenvalues, or be refused once the warm start changes the arguments). A
+            tracker in a new process has no previous eigenvectors to warm-start from, so
+            its Lanczos file of an interrupted step was written with another start vector
+            and is refused (a HesslabError naming ``checkpoint``, recorded or raised as
+            ``on_error`` says); delete that file or use ``warm_start=False`` to resume
+            across processes.
         trace_options: For :func:`hesslab.trace` (``num_matvecs``, capped at 3n; ``method``).
         outlier_options: For :func:`hesslab.outliers` on each density.
 
