@@ -51,7 +51,7 @@ def test_a_checkpoint_of_another_operator_is_refused(tmp_path, solver):
     op = DenseOperator(_matrix(0))
     again = run(op, checkpoint=path)  # a finished run of the same operator: one identity product
     _same(first, again)
-    assert op.num_matvecs == 1 + (4 if solver == "lanczos" else 0)  # lanczos re-measures its k residuals
+    assert op.num_matvecs == 1  # lanczos finds its k residuals in the checkpoint (issue 12)
 
 
 def test_bad_checkpoint_files_are_refused_before_any_product(tmp_path):
@@ -101,6 +101,45 @@ def test_checkpoint_every_must_be_positive(tmp_path):
         for run in RUNS.values():
             with pytest.raises(HesslabError, match="checkpoint_every must be an integer >= 1"):
                 run(op, checkpoint=tmp_path / "c.pt", checkpoint_every=bad)
+
+
+class _Counted(DenseOperator):
+    """Counts its product calls; raises KeyboardInterrupt on the call numbered ``fail_at``."""
+
+    def __init__(self, A, fail_at=None):
+        super().__init__(A)
+        self.calls, self.fail_at = 0, fail_at
+
+    def _matmat(self, V):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise KeyboardInterrupt
+        return super()._matmat(V)
+
+
+def test_resuming_a_finished_lanczos_costs_one_product(tmp_path):
+    """Issue 12: a finished checkpoint keeps the residual norms of its k Ritz pairs."""
+    path, A = tmp_path / "c.pt", _matrix(0)
+    first = lanczos(_Counted(A), k=4, checkpoint=path)
+    op = _Counted(A)
+    again = lanczos(op, k=4, checkpoint=path)
+    assert op.calls == 1 and op.num_matvecs == 1
+    _same(first, again)
+    assert again.num_matvecs == first.num_matvecs and bool(again.converged.all())
+    # a finished run that did not measure its residuals measures them on resume (one block product)
+    lanczos(_Counted(A), k=4, checkpoint=tmp_path / "n.pt", compute_residuals=False)
+    op = _Counted(A)
+    _same(first, lanczos(op, k=4, checkpoint=tmp_path / "n.pt"))
+    assert op.calls == 2 and op.num_matvecs == 1 + 4
+    # interrupted while measuring them: the steps are kept, only the residuals are redone
+    whole = _Counted(A)
+    lanczos(whole, k=4)
+    op = _Counted(A, fail_at=whole.calls)  # the residual product is the run's last call
+    with pytest.raises(KeyboardInterrupt):
+        lanczos(op, k=4, checkpoint=tmp_path / "i.pt")
+    op = _Counted(A)
+    _same(first, lanczos(op, k=4, checkpoint=tmp_path / "i.pt"))
+    assert op.calls == 2
 
 
 _CHILD = textwrap.dedent("""

@@ -315,6 +315,33 @@ def test_results_save_and_load(tmp_path):
     assert SpectralDensity.load(local.save(tmp_path / "d.json")).reorthogonalize == "local"
 
 
+@pytest.mark.parametrize("grid", [None, np.linspace(-1.0, 3.0, 301)])
+def test_density_curve_is_lazy_and_identical(monkeypatch, tmp_path, grid):
+    """Issue 15: spectral_density leaves the smoothed curve to the first read of .grid,
+    .density, plot() or to_dict(); the values are those of the eager smooth_density call."""
+    from hesslab.solvers import _slq
+
+    calls = []
+    original = _slq.smooth_density
+    monkeypatch.setattr(_slq, "smooth_density", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    op = PROBLEMS[0][1]
+    kwargs = dict(num_steps=12, num_probes=3, seed=5, sigma2=1e-4, grid_size=500, grid=grid)
+    results = [spectral_density(op, **kwargs) for _ in range(4)]
+    assert calls == []
+    d = results[0]
+    g, dens, var = original(d.nodes, d.weights, 1e-4, 500, grid, counts=d.num_steps)
+    assert d.sigma2 == var
+    assert np.array_equal(d.density, dens) and np.array_equal(d.grid, g) and len(calls) == 1
+    assert d.density is d.density  # evaluated once
+    for other, first_read in zip(results[1:], [lambda r: r.grid, lambda r: r.to_dict(), lambda r: r.plot()]):
+        first_read(other)
+        assert np.array_equal(other.grid, g) and np.array_equal(other.density, dens)
+    assert len(calls) == 4
+    back = SpectralDensity.load(results[1].save(tmp_path / "d.npz"))
+    assert all(np.array_equal(np.asarray(v), np.asarray(back.to_dict()[k])) for k, v in d.to_dict().items())
+    assert len(calls) == 4 and back.sigma2 == d.sigma2
+
+
 def test_density_plot_has_log_axis():
     import matplotlib
 
@@ -380,3 +407,62 @@ def test_lanczos_finds_every_copy_and_flags_only_certified_pairs(which):
     assert r.converged.all() and r.restarts >= 1
     quick = lanczos(DenseOperator(A), k=4, which=which, verify=False)  # cheaper, and may miss the third copy
     assert quick.num_matvecs < r.num_matvecs
+
+
+@pytest.fixture
+def bars(monkeypatch):
+    """Every tqdm bar the solvers open, written to a string, with (n, total) at creation and close."""
+    import io
+
+    import tqdm.auto
+
+    made = []
+
+    class Recorded(tqdm.auto.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "file": io.StringIO()})
+            self.opened_total = self.total
+            made.append(self)
+
+        def close(self):
+            self.closed_at = (self.n, self.total)
+            super().close()
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Recorded)
+    return made
+
+
+def test_progress_bars_end_at_the_real_count(bars):
+    """Issue 18: a bar counts to the budget and, when the run ends early, ends full at the
+    count reached (not at 70 of 300)."""
+    A = torch.diag(torch.tensor([5.0, 5.0, 2.0, 2.0, 1.0] * 8, dtype=torch.float64))
+    op = DenseOperator(A)
+    r = lanczos(op, k=2, progress=True, max_steps=35)
+    assert bars[-1].opened_total == 35 and bars[-1].closed_at == (r.num_steps, r.num_steps) and r.num_steps < 35
+    d = spectral_density(op, num_steps=10, num_probes=2, progress=True)  # 3 distinct values: breakdown at step 3
+    assert bars[-1].opened_total == 10 and bars[-1].closed_at == (3, 3) and d.num_steps.tolist() == [3, 3]
+    t = trace(op, 10, progress=True, batch_size=4)
+    assert bars[-1].opened_total == 10 and bars[-1].closed_at == (t.num_matvecs, 10)
+    assert len(bars) == 3
+
+
+def test_one_device_read_per_step(monkeypatch):
+    """Issue 17: a driver step reads back from the device once (the flags); SLQ has no
+    convergence test, so its run reads one transfer per step plus a constant."""
+    A = torch.diag(torch.linspace(1.0, 2.0, 40, dtype=torch.float64))
+    reads = []
+    real = torch.Tensor.cpu
+
+    def counted(self, *args, **kwargs):
+        reads.append(1)
+        return real(self, *args, **kwargs)
+
+    counts = []
+    for steps in (6, 12):
+        reads.clear()
+        monkeypatch.setattr(torch.Tensor, "cpu", counted)
+        d = spectral_density(DenseOperator(A), num_steps=steps, num_probes=2)
+        monkeypatch.setattr(torch.Tensor, "cpu", real)
+        assert d.num_steps.tolist() == [steps, steps]
+        counts.append(len(reads))
+    assert counts[1] - counts[0] == 6  # six more steps, six more reads

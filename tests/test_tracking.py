@@ -524,3 +524,69 @@ def test_pipeline_failures_are_recorded_or_raised():
                          on_error=lambda name, exc: (_ for _ in ()).throw(exc))
     with pytest.raises(HesslabError, match="measures"):
         measure_spectrum(H, ("top_k", "hessian"))
+
+
+def _checkpointed(tmp_path, model, data, name, checkpoints: bool):
+    """A tracker of top_k and density, with per-step checkpoints under tmp_path or none."""
+    lanczos = {"tol": 1e-10, "checkpoint_every": 2}
+    density = {"num_steps": 20, "num_probes": 2}
+    if checkpoints:
+        lanczos["checkpoint"], density["checkpoint"] = tmp_path / "c.pt", tmp_path / "d.pt"
+    return SpectrumTracker(model, CE, data, measures=("top_k", "density"), path=tmp_path / f"{name}.jsonl", k=4,
+                           lanczos_options=lanczos, density_options=density)
+
+
+def test_checkpoint_option_is_per_step(tmp_path):
+    """Issue 12: a checkpoint in the options is a template; each step writes its own file,
+    so a changing model logs fresh eigenvalues (no stale result, no refusal at step 2)."""
+    from hesslab.tracking import step_checkpoint
+
+    assert str(step_checkpoint("a/c.pt", 123)) == "a/c.step000123.pt"
+    assert str(step_checkpoint("c", 7)) == "c.step000007"
+    model, data = problem(seed=3)
+    tracker = _checkpointed(tmp_path, model, data, "ckpt", True)
+    fresh = _checkpointed(tmp_path, model, data, "fresh", False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    lam1 = []
+    for i in range(3):
+        sgd_step(model, data, opt)
+        out, ref = tracker.step(i), fresh.step(i)
+        assert "error" not in out["top_k"] and "error" not in out["density"]
+        assert out["top_k"]["eigenvalues"] == ref["top_k"]["eigenvalues"]
+        assert out["density"]["nodes"] == ref["density"]["nodes"]
+        lam1.append(out["top_k"]["eigenvalues"][0])
+    assert len(set(lam1)) == 3
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == [f"{c}.step00000{i}.pt" for c in "cd" for i in range(3)]
+
+
+def test_interrupted_tracker_step_resumes(tmp_path, monkeypatch):
+    from hesslab.linops import Hessian
+
+    model, data = problem(seed=4)
+    tracker = _checkpointed(tmp_path, model, data, "ckpt", True)
+    fresh = _checkpointed(tmp_path, model, data, "fresh", False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    sgd_step(model, data, opt)
+    tracker.step(0), fresh.step(0)
+    sgd_step(model, data, opt)
+    calls = {"n": 0, "limit": None}
+    original = Hessian.matmat
+
+    def counted(self, V):
+        calls["n"] += 1
+        if calls["limit"] is not None and calls["n"] > calls["limit"]:
+            raise KeyboardInterrupt
+        return original(self, V)
+
+    monkeypatch.setattr(Hessian, "matmat", counted)
+    ref = fresh.step(1)
+    fresh_calls = calls["n"]
+    calls.update(n=0, limit=7)  # interrupted in the middle of step 1's Lanczos run
+    with pytest.raises(KeyboardInterrupt):
+        tracker.step(1)
+    assert (tmp_path / "c.step000001.pt").exists()
+    calls.update(n=0, limit=None)
+    out = tracker.step(1)  # resumes from the file of step 1 (the same warm start)
+    assert out["top_k"]["eigenvalues"] == ref["top_k"]["eigenvalues"]
+    assert out["density"]["nodes"] == ref["density"]["nodes"]
+    assert calls["n"] <= fresh_calls - 7 + 2  # the completed products are not repeated

@@ -16,7 +16,8 @@ file or pass another path) when it does not match the run that resumes it:
 
 Files are written atomically (a temporary file in the same folder, flushed and fsynced,
 then ``os.replace``), so a process killed during a write leaves the previous checkpoint
-intact. A run that finished marks its checkpoint ``finished``; resuming it returns the
+intact. A run that finished marks its checkpoint ``finished`` and keeps there what it
+measured after its last step (the eigensolver's residual norms); resuming it returns the
 same result after the one identity product.
 """
 

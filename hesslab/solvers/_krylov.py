@@ -22,12 +22,23 @@ sync. The driver adds what long runs need:
   basis (the eigensolver; T gets a zero off-diagonal there); the eigensolver may also end
   a chain early (a forced restart, see :class:`KrylovState`) to look for copies of an
   eigenvalue that a single Krylov space cannot hold;
-* a progress bar (tqdm; on by default only when stderr is a terminal);
+* a progress bar (tqdm; on by default only when stderr is a terminal) counting to the
+  step budget and ending at the steps actually taken (:func:`close_bar`);
 * checkpoints (:mod:`._checkpoint`): with ``checkpoint=path`` the state is written
   atomically every ``checkpoint_every`` steps, when the run is interrupted
   (KeyboardInterrupt or an error in a product) and when it finishes; a later call with
   the same arguments and the same operator resumes from it and gives the identical
   result, and one for another operator or other arguments is refused.
+
+Host syncs (issue 17): a step reads back from the device once, b + 1 booleans in one
+transfer (is any active alpha/beta non-finite; which runs broke down), because a
+breakdown must be handled (restart or stop) before the next product; the mask of active
+runs and their indices live on the host, with a device copy renewed only when a run
+stops. The ``stop`` callback (the eigensolver's convergence test) reads the tridiagonal
+entries every ``check_every`` steps; the first step reads ⟨q₀, A q₀⟩ for checkpoints; a
+breakdown restart reads the norm of its fresh vector. Reading the flags only every few
+steps would need speculative steps rolled back at a breakdown (their products wasted and
+counted), which the bitwise-resume and product-count guarantees rule out here.
 
 Notation: Q (b, m, n) the bases, alphas/betas (b, m) float64 the tridiagonal entries:
 T_i = tridiag(betas[i, :m-1], alphas[i, :m], betas[i, :m-1]).
@@ -93,6 +104,17 @@ def progress_enabled(progress: bool | None) -> bool:
     return sys.stderr.isatty() if progress is None else bool(progress)
 
 
+def close_bar(bar) -> None:
+    """Close a progress bar at the work actually done: its total is the budget (steps or
+    products) while it runs, and a run that ends before the budget (converged, broke
+    down, interrupted) sets the total to the count reached, so the bar ends full at the
+    real count rather than partway to the budget."""
+    if not bar.disable and bar.n != bar.total:
+        bar.total = bar.n
+        bar.refresh()
+    bar.close()
+
+
 @dataclass
 class KrylovState:
     """Everything needed to continue a batched Lanczos run (and to checkpoint it).
@@ -122,6 +144,7 @@ class KrylovState:
     C: Tensor | None = None  # (len(forced), capacity) float64: C[f, i] = ⟨q_i, d_f⟩ of run 0
     identity: tuple[float, float] | None = None  # (⟨q0, A q0⟩, ‖A q0‖) of run 0, for checkpoints
     finished: bool = False
+    extra: dict = field(default_factory=dict)  # what the caller's on_finish measured (kept in the checkpoint)
 
     def row(self, j: int) -> int:
         """Row of Q that holds basis vector j (the last vector of a local window)."""
@@ -219,6 +242,7 @@ def _payload(state: KrylovState) -> dict:
         "C": state.C[:, :j].cpu(),
         "identity": state.identity,
         "finished": state.finished,
+        "extra": dict(state.extra),
     }
 
 
@@ -238,7 +262,7 @@ def _state_from(payload: dict, rows_cap: int, coeff_cap: int, device: torch.devi
                        payload["generator_state"], local, list(payload["cuts"]), list(payload["forced"]),
                        payload["D"].to(device), C,
                        None if identity is None else (float(identity[0]), float(identity[1])),
-                       bool(payload["finished"]))
+                       bool(payload["finished"]), dict(payload.get("extra", {})))
 
 
 def _unit_starts(starts: Tensor, basis_dtype: torch.dtype, basis_device: torch.device) -> Tensor:
@@ -273,12 +297,27 @@ def _resume_or_start(op: LinearOperator, q0: Tensor, ckpt: Checkpoint | None, ro
     return state
 
 
-def _product(op: LinearOperator, state: KrylovState, W: Tensor, active: Tensor) -> None:
+class _Runs:
+    """The mask of runs still going, on the host (read freely) and on the basis device with
+    the indices of the active runs (copied there only when a run stops), so that a step
+    reads nothing back from the device for it."""
+
+    def __init__(self, active: Tensor, device: torch.device):
+        self.host = active.cpu()
+        self.device = device
+        self.renew()
+
+    def renew(self) -> None:
+        self.all = bool(self.host.all())
+        self.dev = self.host.to(self.device)
+        self.idx = self.host.nonzero().flatten().to(self.device)
+
+
+def _product(op: LinearOperator, state: KrylovState, W: Tensor, runs: _Runs) -> None:
     """W ← A q_j for the active runs (zeros elsewhere), in the basis dtype; ``W`` is the
     driver's own contiguous buffer, never a view of Q or of the operator's output."""
     r = state.row(state.j)
-    all_active = bool(active.all())
-    idx = active.nonzero().flatten()
+    all_active, idx = runs.all, runs.idx
     V = state.Q[:, r] if all_active else state.Q[idx, r]
     AV = op.matmat(V.T.to(device=op.device, dtype=op.dtype))  # (n, |active|)
     if state.j == 0 and state.identity is None:  # all runs are active at step 0
@@ -292,26 +331,30 @@ def _product(op: LinearOperator, state: KrylovState, W: Tensor, active: Tensor) 
         state.C[:, state.j] = state.D.double() @ state.Q[0, r].double()
 
 
-def _step(state: KrylovState, W: Tensor, active: Tensor, tol: float) -> Tensor:
+def _step(state: KrylovState, W: Tensor, runs: _Runs, tol: float) -> Tensor:
     """One compiled Lanczos step on W; records alpha and beta of the active runs; returns
-    the runs that broke down."""
+    (on the host) the runs that broke down. The step's one device-to-host transfer: the
+    finiteness check and the breakdown flags, b + 1 booleans read together."""
     j = state.j
     beta_prev = state.betas[:, j - 1].clone() if j > 0 else torch.zeros_like(state.betas[:, 0])
     if j in state.cuts:
         beta_prev[0] = 0.0  # a chain's first step: no previous vector
     alpha, beta, broke = _ops.lanczos_step_(state.Q, W, beta_prev, state.row(j), tol)
-    # A NaN/Inf entry of A q_j makes alpha or beta non-finite: one check of 2b scalars.
-    if not bool(((torch.isfinite(alpha) & torch.isfinite(beta)) | ~active).all()):
+    # A NaN/Inf entry of A q_j makes alpha or beta non-finite.
+    bad = ((~torch.isfinite(alpha) | ~torch.isfinite(beta)) & runs.dev).any()
+    flags = torch.cat([bad[None], broke.to(torch.bool)]).cpu()
+    if bool(flags[0]):
         raise HesslabError(f"the operator returned NaN or Inf at step {j}: check the model, loss and data")
-    state.alphas[:, j] = torch.where(active, alpha, state.alphas[:, j])
-    state.betas[:, j] = torch.where(active, beta, state.betas[:, j])
-    state.steps += active.long()
-    return broke & active
+    state.alphas[:, j] = torch.where(runs.dev, alpha, state.alphas[:, j])
+    state.betas[:, j] = torch.where(runs.dev, beta, state.betas[:, j])
+    state.steps += runs.dev.long()
+    return flags[1:] & runs.host
 
 
 def _after_breakdown(state: KrylovState, broke: Tensor, active: Tensor, on_breakdown: str,
                      generator: torch.Generator, max_steps: int) -> None:
-    """Restart (or stop) the runs whose Krylov space was exhausted at this step."""
+    """Restart (or stop) the runs whose Krylov space was exhausted at this step
+    (``broke`` and ``active`` are host masks; ``active`` is updated in place)."""
     j = state.j
     if not bool(broke.any()) or j + 1 >= max_steps:
         return
@@ -387,6 +430,7 @@ def run_krylov(
     checkpoint_every: int = 10,
     config: dict | None = None,
     reorthogonalize: str = "full",
+    on_finish: Callable[[KrylovState], dict] | None = None,
 ) -> KrylovState:
     """Advance b Lanczos runs from ``starts`` (b, n) for up to ``max_steps`` steps.
 
@@ -402,6 +446,10 @@ def run_krylov(
         checkpoint, checkpoint_every, config: see the module docstring; ``config`` holds
             the caller's arguments that determine the result (for the fingerprint).
         reorthogonalize: "full" or "local" (see the module docstring).
+        on_finish: with a checkpoint, called once when the run finishes, before the last
+            write; the tensors and scalars it returns are kept in ``state.extra`` and in the
+            file, so that resuming a finished run finds them there (the eigensolver keeps
+            its residual norms, which then cost no products on resume).
     """
     b, n = starts.shape
     _check_options(on_breakdown, reorthogonalize, checkpoint_every, check_every)
@@ -420,6 +468,13 @@ def run_krylov(
     if not state.finished:
         _iterate(op, state, ckpt, max_steps, on_breakdown=on_breakdown, generator=generator, tol=breakdown_tol,
                  stop=stop, check_every=check_every, progress=progress, desc=desc, checkpoint_every=checkpoint_every)
+        state.finished = True
+        if ckpt is not None:
+            try:
+                if on_finish is not None:
+                    state.extra = dict(on_finish(state))
+            finally:  # interrupted in on_finish: the steps are kept, the extras measured on resume
+                ckpt.write(_payload(state))
     return state
 
 
@@ -432,10 +487,10 @@ def _iterate(op: LinearOperator, state: KrylovState, ckpt: Checkpoint | None, ma
     b, _, n = state.Q.shape
     bar = tqdm(total=max_steps, initial=state.j, desc=desc, unit="step", disable=not progress_enabled(progress),
                leave=False)
-    active = state.steps == state.j  # runs that have not stopped
+    runs = _Runs(state.steps == state.j, state.Q.device)  # runs that have not stopped
     W = torch.empty(b, n, dtype=state.Q.dtype, device=state.Q.device)  # A q_j, then the residual
     try:
-        while state.j < max_steps and bool(active.any()):
+        while state.j < max_steps and bool(runs.host.any()):
             # The stop check runs at the top of a step so that a resumed run sees the same
             # checks as an uninterrupted one.
             if stop is not None and state.j > 0 and state.j % check_every == 0:
@@ -450,9 +505,11 @@ def _iterate(op: LinearOperator, state: KrylovState, ckpt: Checkpoint | None, ma
                 _grow(state, rows=min(row_limit, max(2 * state.Q.shape[1], r + 2)))
             if state.j + 1 >= state.alphas.shape[1]:
                 _grow(state, coeffs=min(max_steps, 2 * state.alphas.shape[1]))
-            _product(op, state, W, active)
-            broke = _step(state, W, active, tol)
-            _after_breakdown(state, broke, active, on_breakdown, generator, max_steps)
+            _product(op, state, W, runs)
+            broke = _step(state, W, runs, tol)
+            if bool(broke.any()):
+                _after_breakdown(state, broke, runs.host, on_breakdown, generator, max_steps)
+                runs.renew()
             _commit(state, generator)
             bar.update(1)
             if ckpt is not None and state.j % checkpoint_every == 0:
@@ -462,7 +519,4 @@ def _iterate(op: LinearOperator, state: KrylovState, ckpt: Checkpoint | None, ma
             ckpt.write(_payload(state))
         raise
     finally:
-        bar.close()
-    state.finished = True
-    if ckpt is not None:
-        ckpt.write(_payload(state))
+        close_bar(bar)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -179,30 +180,58 @@ def lanczos(
         op, start, max_steps, basis_dtype=basis_dtype, basis_device=basis_device, on_breakdown="restart",
         generator=gen, breakdown_tol=breakdown_tol(basis_dtype), stop=decide, check_every=check_every,
         initial_capacity=max(2 * k + 20, 64), progress=progress, desc=f"lanczos k={k} {which}", checkpoint=checkpoint,
-        checkpoint_every=checkpoint_every,
+        checkpoint_every=checkpoint_every, on_finish=_finished_residuals(op, k, which) if compute_residuals else None,
         config={"solver": "lanczos", "k": k, "which": which, "tol": tol, "seed": seed, "verify": bool(verify),
                 "v0": None if v0 is None else float(start.sum())},
     )
     return _result(op, state, k, which, tol, decide(state) == "stop", return_eigenvectors, compute_residuals)
 
 
+def _wanted(state: KrylovState, k: int, which: str):
+    """(Ritz pairs, indices of the k wanted ones) of run 0."""
+    pairs = ritz_pairs(state)
+    return pairs, select(pairs.theta, k, which)
+
+
+def _wanted_vectors(state: KrylovState, pairs, sel) -> Tensor:
+    """The wanted Ritz vectors (n, k), float64 on the CPU."""
+    S = torch.from_numpy(pairs.S[:, sel])
+    return ritz_vectors(state.Q[0, : S.shape[0]], S)
+
+
+def _residual_norms(op: LinearOperator, vectors: Tensor, theta: np.ndarray) -> Tensor:
+    """‖A v − θ v‖ of each Ritz pair: one block product of all k Ritz vectors."""
+    AV = op.matmat(vectors.to(device=op.device, dtype=op.dtype)).double().cpu()
+    return (AV - vectors * torch.from_numpy(theta)).norm(dim=0)
+
+
+def _finished_residuals(op: LinearOperator, k: int, which: str) -> Callable[[KrylovState], dict]:
+    """The driver's ``on_finish``: the k residual norms, measured once and kept in the
+    checkpoint, so that resuming a finished run costs only its identity product."""
+    def measure(state: KrylovState) -> dict:
+        pairs, sel = _wanted(state, k, which)
+        return {"residuals": _residual_norms(op, _wanted_vectors(state, pairs, sel), pairs.theta[sel])}
+
+    return measure
+
+
 def _result(op: LinearOperator, state: KrylovState, k: int, which: str, tol: float, certified: bool,
             return_eigenvectors: bool, compute_residuals: bool) -> EigenResult:
-    """The k wanted pairs of a finished run, with residuals and honest converged flags."""
-    pairs = ritz_pairs(state)
-    theta, sel = pairs.theta, select(pairs.theta, k, which)
+    """The k wanted pairs of a finished run, with residuals (measured now, or those its
+    checkpoint kept) and honest converged flags."""
+    pairs, sel = _wanted(state, k, which)
+    theta = pairs.theta
     thr = tol * max(float(np.abs(theta).max()), 1e-300)
     m = int(state.steps[0])
     vectors = None
     residuals = torch.full((k,), float("nan"), dtype=torch.float64)
     converged = pairs.est[sel] <= thr
-    if return_eigenvectors or compute_residuals:
-        S = torch.from_numpy(pairs.S[:, sel])
-        vectors = ritz_vectors(state.Q[0, : S.shape[0]], S)  # (n, k)
-        if compute_residuals:  # one block product of all k Ritz vectors
-            AV = op.matmat(vectors.to(device=op.device, dtype=op.dtype)).double().cpu()
-            residuals = (AV - vectors * torch.from_numpy(theta[sel])).norm(dim=0)
-            converged = residuals.numpy() <= thr
+    stored = state.extra.get("residuals") if compute_residuals else None
+    if return_eigenvectors or (compute_residuals and stored is None):
+        vectors = _wanted_vectors(state, pairs, sel)  # (n, k)
+    if compute_residuals:
+        residuals = stored.clone() if stored is not None else _residual_norms(op, vectors, theta[sel])
+        converged = residuals.numpy() <= thr
     return EigenResult(
         eigenvalues=torch.from_numpy(theta[sel].copy()),
         eigenvectors=vectors if return_eigenvectors else None,

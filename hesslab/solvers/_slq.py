@@ -25,9 +25,45 @@ from ._checks import check_basis_dtype, check_grid, check_int, check_real, is_in
 from ._krylov import breakdown_tol, run_krylov
 
 
+#: The padding of the density's grid beyond the mean extreme nodes (the reference code's).
+GRID_EXPAND = 1e-2
+
+
+class _Curve:
+    """A field of :class:`SpectralDensity` (``grid`` or ``density``) computed on first
+    access: :func:`spectral_density` leaves both None together with the smoothing recipe,
+    and the first read evaluates the curve with :func:`smooth_density` (the same call, so
+    the same values, as computing it at once). A dataclass field with this descriptor as
+    its class attribute has no default (``__get__`` on the class raises AttributeError)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            raise AttributeError(self.name)
+        values = obj.__dict__
+        if values.get(self.name) is None and values.get("_recipe") is not None:
+            recipe = values.pop("_recipe")
+            grid, density, _ = smooth_density(obj.nodes, obj.weights, recipe["sigma2"], recipe["grid_size"],
+                                              recipe["grid"], counts=obj.num_steps)
+            values["grid"], values["density"] = grid, density
+        return values.get(self.name)
+
+    def __set__(self, obj, value) -> None:
+        obj.__dict__[self.name] = value
+        if value is not None:
+            obj.__dict__.pop("_recipe", None)  # an explicit curve replaces a pending one
+
+
 @dataclass
 class SpectralDensity(Result):
     """Quadrature nodes and weights per probe, and the smoothed density on a grid.
+
+    The grid and density of a result of :func:`spectral_density` are evaluated on first
+    access (``.grid``, ``.density``, :meth:`plot`, :meth:`to_dict`, :meth:`save`, ``==``),
+    not at the end of the run: a 10,000-point curve costs a sizeable share of a small
+    model's SLQ time and most callers only read the nodes and weights.
 
     Attributes:
         nodes: (num_probes, m) Ritz values per probe, ascending; a probe whose Krylov
@@ -45,8 +81,8 @@ class SpectralDensity(Result):
     nodes: np.ndarray
     weights: np.ndarray
     num_steps: np.ndarray
-    grid: np.ndarray
-    density: np.ndarray
+    grid: np.ndarray = _Curve()
+    density: np.ndarray = _Curve()
     sigma2: float
     num_matvecs: int
     reorthogonalize: str = "full"
@@ -94,7 +130,7 @@ def gauss_quadrature(alphas: np.ndarray, betas: np.ndarray) -> tuple[np.ndarray,
 
 def smooth_density(
     nodes: np.ndarray, weights: np.ndarray, sigma2: float = 1e-5, grid_size: int = 10000,
-    grid: np.ndarray | None = None, grid_expand: float = 1e-2, counts: np.ndarray | None = None,
+    grid: np.ndarray | None = None, grid_expand: float = GRID_EXPAND, counts: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """Ghorbani et al.'s smoothing (their reference code, google/spectral-density).
 
@@ -112,10 +148,7 @@ def smooth_density(
     check_int("grid_size", grid_size, 2)
     check_real("grid_expand", grid_expand, low_open=False)
     grid = check_grid(grid)
-    counts = np.full(len(nodes), nodes.shape[1]) if counts is None else np.asarray(counts)
-    valid = np.arange(nodes.shape[1])[None, :] < counts[:, None]
-    lo = np.mean([x[v].min() for x, v in zip(nodes, valid)]) - grid_expand
-    hi = np.mean([x[v].max() for x, v in zip(nodes, valid)]) + grid_expand
+    valid, lo, hi = _support(nodes, counts, grid_expand)
     if grid is None:
         grid = np.linspace(lo, hi, grid_size)
     var = sigma2 * max(1.0, hi - lo)
@@ -127,6 +160,15 @@ def smooth_density(
     step = grid[1] - grid[0] if len(grid) > 1 else 1.0
     total = density.sum() * step
     return grid, density / total if total > 0 else density, var
+
+
+def _support(nodes: np.ndarray, counts, grid_expand: float) -> tuple[np.ndarray, float, float]:
+    """(valid mask, lo, hi) of :func:`smooth_density`: the mean extreme nodes ± grid_expand."""
+    counts = np.full(len(nodes), nodes.shape[1]) if counts is None else np.asarray(counts)
+    valid = np.arange(nodes.shape[1])[None, :] < counts[:, None]
+    lo = np.mean([x[v].min() for x, v in zip(nodes, valid)]) - grid_expand
+    hi = np.mean([x[v].max() for x, v in zip(nodes, valid)]) + grid_expand
+    return valid, lo, hi
 
 
 def spectral_density(
@@ -209,6 +251,9 @@ def spectral_density(
         d, e = state.tridiagonal(i)
         x, w = gauss_quadrature(d.numpy(), e.numpy())
         nodes[i, : len(x)], weights[i, : len(w)] = x, w
-    g, dens, var = smooth_density(nodes, weights, sigma2, grid_size, grid, counts=state.steps.cpu().numpy())
-    return SpectralDensity(nodes, weights, state.steps.cpu().numpy(), g, dens, var, op.num_matvecs - before,
-                           reorthogonalize)
+    counts = state.steps.cpu().numpy()
+    _, lo, hi = _support(nodes, counts, GRID_EXPAND)
+    result = SpectralDensity(nodes, weights, counts, None, None, sigma2 * max(1.0, hi - lo),
+                             op.num_matvecs - before, reorthogonalize)
+    result.__dict__["_recipe"] = {"sigma2": sigma2, "grid_size": grid_size, "grid": grid}  # the curve, when read
+    return result

@@ -12,7 +12,7 @@ from .._results import Result
 from ..errors import require
 from ..linops import LinearOperator
 from ._checks import check_int, is_int
-from ._krylov import progress_enabled
+from ._krylov import close_bar, progress_enabled
 
 METHODS = ("hutchinson", "hutch++")
 
@@ -116,4 +116,4 @@ def trace(
         err = float(q.std() / math.sqrt(m_rest)) if m_rest > 1 else float("nan")
         return TraceEstimate(value, err, 2 * k + m_rest, method)
     finally:
-        bar.close()
+        close_bar(bar)

@@ -48,6 +48,6 @@ from __future__ import annotations
 from hesslab.analysis.pipeline import MEASURES
 from hesslab.tracking._history import TrackingHistory
 from hesslab.tracking._state import preserved_state
-from hesslab.tracking._tracker import FORMAT, VERSION, SpectrumTracker
+from hesslab.tracking._tracker import FORMAT, VERSION, SpectrumTracker, step_checkpoint
 
-__all__ = ["SpectrumTracker", "TrackingHistory", "MEASURES", "preserved_state", "FORMAT", "VERSION"]
+__all__ = ["SpectrumTracker", "TrackingHistory", "MEASURES", "preserved_state", "FORMAT", "VERSION", "step_checkpoint"]

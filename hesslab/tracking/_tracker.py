@@ -20,7 +20,7 @@ from hesslab.errors import HesslabError, require_subset
 from hesslab.tracking._history import TrackingHistory
 from hesslab.tracking._state import preserved_state
 
-__all__ = ["SpectrumTracker", "FORMAT", "VERSION"]
+__all__ = ["SpectrumTracker", "FORMAT", "VERSION", "step_checkpoint"]
 
 FORMAT = "hesslab.tracking"
 VERSION = 1
@@ -66,6 +66,18 @@ class SpectrumTracker:
         lanczos_options: For :func:`hesslab.lanczos` (``tol``, ``max_steps``, ...).
         density_options: For :func:`hesslab.spectral_density` (``num_steps``,
             ``num_probes``, ...); ``num_steps`` is capped at n.
+
+            A ``checkpoint`` path in either is a template: each measurement uses its own
+            file, the step inserted before the suffix (``checkpoint="ckpt/c.pt"`` at step
+            123 writes ``ckpt/c.step000123.pt``; see :func:`step_checkpoint`). A measurement
+            interrupted at step s resumes from its file when step s is measured again; a
+            finished one is never reused for another step (which would log its stale
+            eigenvalues, or be refused once the warm start changes the arguments). A
+            tracker in a new process has no previous eigenvectors to warm-start from, so
+            its Lanczos file of an interrupted step was written with another start vector
+            and is refused (a HesslabError naming ``checkpoint``, recorded or raised as
+            ``on_error`` says); delete that file or use ``warm_start=False`` to resume
+            across processes.
         trace_options: For :func:`hesslab.trace` (``num_matvecs``, capped at 3n; ``method``).
         outlier_options: For :func:`hesslab.outliers` on each density.
 
@@ -269,7 +281,7 @@ class SpectrumTracker:
                                                       "error": str(err)})
                 self.num_measurements += 1
                 return out
-            lanczos_options = dict(self.lanczos_options)
+            lanczos_options = _per_step(self.lanczos_options, step_index)
             warm = self.warm_start and self.last_eigenvectors is not None and "v0" not in self.lanczos_options
             if warm:
                 lanczos_options["v0"] = self.last_eigenvectors
@@ -282,7 +294,7 @@ class SpectrumTracker:
 
             measure_spectrum(
                 H, self.measures, k=self.k, seed=self.seed, lanczos_options=lanczos_options,
-                density_options=self.density_options, trace_options=self.trace_options,
+                density_options=_per_step(self.density_options, step_index), trace_options=self.trace_options,
                 outlier_options=self.outlier_options, progress=False,
                 on_error=lambda name, exc: self._on_error(step_index, name, exc), on_record=on_record,
             )
@@ -359,6 +371,22 @@ class SpectrumTracker:
     def __repr__(self) -> str:
         return (f"SpectrumTracker(path={str(self.path)!r}, every={self.every}, measures={self.measures}, "
                 f"k={self.k}, n={self.num_params})")
+
+
+def step_checkpoint(path: str | os.PathLike, step: int) -> Path:
+    """The checkpoint file of the measurement at ``step``: the step, zero-padded to six
+    digits, inserted before the suffix (``c.pt`` at step 123 -> ``c.step000123.pt``;
+    ``c`` -> ``c.step000123``; step -4 -> ``c.step-00004.pt``)."""
+    p = Path(path)
+    return p.with_name(f"{p.stem}.step{int(step):06d}{p.suffix}")
+
+
+def _per_step(options: dict[str, Any], step: int) -> dict[str, Any]:
+    """A copy of solver options whose ``checkpoint`` (when set) is the step's own file."""
+    out = dict(options)
+    if out.get("checkpoint") is not None:
+        out["checkpoint"] = step_checkpoint(out["checkpoint"], step)
+    return out
 
 
 def _describe_options(options: dict[str, Any]) -> dict[str, Any]:
