@@ -35,6 +35,8 @@ Product paths (``method=``):
         ``vmap(vjp(f))``). Eval mode only (refused with ``train_mode=True``: BatchNorm's
         running-statistics update breaks vmap, and torch's second-order forward mode
         through batch_norm with batch statistics is unreliable).
+    ``"finite_difference"`` (Hessian only): central differences of two gradients per
+        column, no double backward; see :mod:`hesslab.linops._finite_difference`.
     ``reuse_graph``: with a single batch in memory the first-order graph is kept across
         products, so a product costs only the backward-of-backward; it is rebuilt when a
         parameter or buffer of the model changes in place (version counters are watched;
@@ -63,6 +65,7 @@ from torch import Tensor, nn
 from hesslab.errors import HesslabError
 from hesslab.linops._base import LinearOperator
 from hesslab.linops._fdcheck import Difference, check_first_product
+from hesslab.linops._finite_difference import METHOD as _FD, fd_batch_product, fd_setup
 from hesslab.linops._model import ModelData, all_reduce_sum_, distributed_active
 from hesslab.linops._params import (
     ParamSpec,
@@ -76,7 +79,7 @@ from hesslab.linops._params import (
 
 __all__ = ["CurvatureOperator"]
 
-_METHODS = ("auto", "func", "autograd")
+_METHODS = ("auto", "func", "autograd", _FD)
 
 
 @dataclass
@@ -126,7 +129,8 @@ class CurvatureOperator(LinearOperator):
             ``data`` is a single batch; ``True``: require it (single batch only);
             ``False``: rebuild per product.
         method: ``"auto"`` (= ``"autograd"``, the faster path measured on the CPU),
-            ``"autograd"`` or ``"func"`` (see the module docstring).
+            ``"autograd"``, ``"func"`` (see the module docstring) or ``"finite_difference"``
+            (Hessian only; see :mod:`hesslab.linops._finite_difference`).
         batched_columns: ``"auto"``: by rule, one column at a time over the graph on the
             CPU, one batched backward (``is_grads_batched``) elsewhere (CUDA); ``True`` /
             ``False`` force either. A model without batching rules falls back on the
@@ -138,6 +142,8 @@ class CurvatureOperator(LinearOperator):
             when autograd's second derivatives are wrong (a backward that is not itself
             differentiable); see :mod:`hesslab.linops._fdcheck`. Costs about two gradient
             passes over one batch, once.
+        fd_dtype: With ``method="finite_difference"``, compute the gradients in this dtype
+            (e.g. ``torch.float64`` for a float32 model); ``None``: the operator's.
 
     Attributes:
         param_names: The selected parameter names, in layout order.
@@ -174,6 +180,7 @@ class CurvatureOperator(LinearOperator):
         batched_columns: bool | str = "auto",
         batch_size_fn: Callable[[Any, Tensor], int] | None = None,
         check_derivatives: bool = True,
+        fd_dtype: torch.dtype | None = None,
     ):
         self._check_options(method, batched_columns, reuse_graph, train_mode)
         md = ModelData(
@@ -192,7 +199,7 @@ class CurvatureOperator(LinearOperator):
         n = sum(t.numel() for t in tensors)
         super().__init__((n, n), md.dtype, md.device)
 
-        if reuse_graph is True and method == "func":
+        if reuse_graph is True and method in ("func", _FD):
             raise HesslabError(
                 "reuse_graph: True keeps an autograd graph; it needs method='autograd'"
             )
@@ -201,13 +208,14 @@ class CurvatureOperator(LinearOperator):
                 "reuse_graph: True needs data to be a single (inputs, targets) batch in memory; "
                 "with an iterable of batches use reuse_graph='auto' or False"
             )
-        self._reuse = md.single and reuse_graph in ("auto", True) and method != "func"
-        self._path = "func" if method == "func" else "autograd"
+        self._reuse = md.single and reuse_graph in ("auto", True) and method not in ("func", _FD)
+        self._path = method if method in ("func", _FD) else "autograd"
+        fd_setup(self, method, fd_dtype)
         self._column_mode = _column_rule(batched_columns, self.device)
         self.column_fallback: str | None = None
         self._state: _State | None = None
         self._state_key: tuple | None = None
-        self._check_derivatives = bool(check_derivatives)
+        self._check_derivatives = bool(check_derivatives) and method != _FD
 
         self._validate_first_batch()
         if check_deterministic:
@@ -340,6 +348,8 @@ class CurvatureOperator(LinearOperator):
                 self._state = self._build_state(selected, others, inputs, targets)
                 self._state_key = key
             return self._apply_state(self._state, Vs)
+        if self._path == _FD:
+            return fd_batch_product(self, inputs, targets, Vs)
         selected, others = self._tensors()
         if self._path == "func":
             out = self._func_product(selected, others, inputs, targets, Vs)
