@@ -76,6 +76,7 @@ from hesslab.linops._params import (
     select_parameters,
     unflatten_vector,
 )
+from hesslab.linops._wrapped import unwrap_model
 
 __all__ = ["CurvatureOperator"]
 
@@ -182,6 +183,7 @@ class CurvatureOperator(LinearOperator):
         check_derivatives: bool = True,
         fd_dtype: torch.dtype | None = None,
     ):
+        model, params = unwrap_model(model, params)
         self._check_options(method, batched_columns, reuse_graph, train_mode)
         md = ModelData(
             model, loss_fn, data, dtype=dtype, train_mode=train_mode, progress=progress,
