@@ -85,7 +85,7 @@ def test_ddp_wrapped_unwrapped_and_one_process_agree(tmp_path):
             assert r["names"] == expected["names"]  # the inner module's, no "module."
             assert r["num_data"] == 20
             assert _close(r["HV"], expected["HV"], TOL), (rank, kind)
-            assert _close(r["top2"], expected["top2"], TOL), (rank, kind, r["top2"], expected["top2"])
+            assert _close(r["top2"], expected["top2"], TOL), (rank, kind, r["top2"])
             # finite differences across ranks: the same quotient as one process, up to the
             # rounding of a gradient summed in another order over ε (~1e-16 / 6e-6)
             assert _close(r["FV"], expected["FV"], 1e-8), (rank, kind)

@@ -130,8 +130,8 @@ class CurvatureOperator(LinearOperator):
             ``data`` is a single batch; ``True``: require it (single batch only);
             ``False``: rebuild per product.
         method: ``"auto"`` (= ``"autograd"``, the faster path measured on the CPU),
-            ``"autograd"``, ``"func"`` (see the module docstring) or ``"finite_difference"``
-            (Hessian only; see :mod:`hesslab.linops._finite_difference`).
+            ``"autograd"``, ``"func"`` or ``"finite_difference"`` (see the module docstring).
+        fd_dtype: The dtype of the finite-difference gradients (None: the operator's).
         batched_columns: ``"auto"``: by rule, one column at a time over the graph on the
             CPU, one batched backward (``is_grads_batched``) elsewhere (CUDA); ``True`` /
             ``False`` force either. A model without batching rules falls back on the
@@ -143,8 +143,6 @@ class CurvatureOperator(LinearOperator):
             when autograd's second derivatives are wrong (a backward that is not itself
             differentiable); see :mod:`hesslab.linops._fdcheck`. Costs about two gradient
             passes over one batch, once.
-        fd_dtype: With ``method="finite_difference"``, compute the gradients in this dtype
-            (e.g. ``torch.float64`` for a float32 model); ``None``: the operator's.
 
     Attributes:
         param_names: The selected parameter names, in layout order.
@@ -178,10 +176,10 @@ class CurvatureOperator(LinearOperator):
         progress: bool = False,
         reuse_graph: bool | str = "auto",
         method: str = "auto",
+        fd_dtype: torch.dtype | None = None,
         batched_columns: bool | str = "auto",
         batch_size_fn: Callable[[Any, Tensor], int] | None = None,
         check_derivatives: bool = True,
-        fd_dtype: torch.dtype | None = None,
     ):
         model, params = unwrap_model(model, params)
         self._check_options(method, batched_columns, reuse_graph, train_mode)

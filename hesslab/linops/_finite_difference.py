@@ -69,7 +69,9 @@ def fd_setup(op: CurvatureOperator, method: str, fd_dtype: torch.dtype | None) -
     """
     if fd_dtype is not None:
         if not (isinstance(fd_dtype, torch.dtype) and fd_dtype.is_floating_point):
-            raise HesslabError(f"fd_dtype: expected a floating torch.dtype or None, got {fd_dtype!r}")
+            raise HesslabError(
+                f"fd_dtype: expected a floating torch.dtype or None, got {fd_dtype!r}"
+            )
         if method != METHOD:
             raise HesslabError(
                 f"fd_dtype: only used with method='{METHOD}' (got method={method!r})"
