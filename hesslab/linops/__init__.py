@@ -21,6 +21,9 @@ Modules:
     _curvature  CurvatureOperator: the data loop, product paths chosen by rule.
     _hessian    Hessian and GGN: their per-batch block products.
     _fdcheck    the once-per-operator check of second derivatives by finite differences.
+    _finite_difference  Hessian products by central differences of gradients (no double
+                backward): method="finite_difference", the step rule and its error.
+    _wrapped    DistributedDataParallel-wrapped models, unwrapped to their .module.
     kfac/       KFAC composed: layers | losses | pure math per layer type | the factor
                 computer | the Kronecker block-diagonal operator; KFAC = P K Pᵀ.
 """

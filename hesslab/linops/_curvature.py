@@ -35,6 +35,8 @@ Product paths (``method=``):
         ``vmap(vjp(f))``). Eval mode only (refused with ``train_mode=True``: BatchNorm's
         running-statistics update breaks vmap, and torch's second-order forward mode
         through batch_norm with batch statistics is unreliable).
+    ``"finite_difference"`` (Hessian only): central differences of two gradients per
+        column, no double backward; see :mod:`hesslab.linops._finite_difference`.
     ``reuse_graph``: with a single batch in memory the first-order graph is kept across
         products, so a product costs only the backward-of-backward; it is rebuilt when a
         parameter or buffer of the model changes in place (version counters are watched;
@@ -63,6 +65,7 @@ from torch import Tensor, nn
 from hesslab.errors import HesslabError
 from hesslab.linops._base import LinearOperator
 from hesslab.linops._fdcheck import Difference, check_first_product
+from hesslab.linops._finite_difference import METHOD as _FD, fd_batch_product, fd_setup
 from hesslab.linops._model import ModelData, all_reduce_sum_, distributed_active
 from hesslab.linops._params import (
     ParamSpec,
@@ -73,10 +76,11 @@ from hesslab.linops._params import (
     select_parameters,
     unflatten_vector,
 )
+from hesslab.linops._wrapped import unwrap_model
 
 __all__ = ["CurvatureOperator"]
 
-_METHODS = ("auto", "func", "autograd")
+_METHODS = ("auto", "func", "autograd", _FD)
 
 
 @dataclass
@@ -133,7 +137,8 @@ class CurvatureOperator(LinearOperator):
             ``data`` is a single batch; ``True``: require it (single batch only);
             ``False``: rebuild per product.
         method: ``"auto"`` (= ``"autograd"``, the faster path measured on the CPU),
-            ``"autograd"`` or ``"func"`` (see the module docstring).
+            ``"autograd"``, ``"func"`` or ``"finite_difference"`` (see the module docstring).
+        fd_dtype: The dtype of the finite-difference gradients (None: the operator's).
         batched_columns: ``"auto"``: by rule, one column at a time over the graph on the
             CPU, one batched backward (``is_grads_batched``) elsewhere (CUDA); ``True`` /
             ``False`` force either. A model without batching rules falls back on the
@@ -180,10 +185,12 @@ class CurvatureOperator(LinearOperator):
         progress: bool = False,
         reuse_graph: bool | str = "auto",
         method: str = "auto",
+        fd_dtype: torch.dtype | None = None,
         batched_columns: bool | str = "auto",
         batch_size_fn: Callable[[Any, Tensor], int] | None = None,
         check_derivatives: bool = True,
     ):
+        model, params = unwrap_model(model, params)
         self._check_options(method, batched_columns, reuse_graph, train_mode)
         md = ModelData(
             model, loss_fn, data, dtype=dtype, train_mode=train_mode, progress=progress,
@@ -202,7 +209,7 @@ class CurvatureOperator(LinearOperator):
         n = sum(t.numel() for t in tensors)
         super().__init__((n, n), md.dtype, md.device)
 
-        if reuse_graph is True and method == "func":
+        if reuse_graph is True and method in ("func", _FD):
             raise HesslabError(
                 "reuse_graph: True keeps an autograd graph; it needs method='autograd'"
             )
@@ -211,13 +218,14 @@ class CurvatureOperator(LinearOperator):
                 "reuse_graph: True needs data to be a single (inputs, targets) batch in memory; "
                 "with an iterable of batches use reuse_graph='auto' or False"
             )
-        self._reuse = md.single and reuse_graph in ("auto", True) and method != "func"
-        self._path = "func" if method == "func" else "autograd"
+        self._reuse = md.single and reuse_graph in ("auto", True) and method not in ("func", _FD)
+        self._path = method if method in ("func", _FD) else "autograd"
+        fd_setup(self, method, fd_dtype)
         self._column_mode = _column_rule(batched_columns, self.device)
         self.column_fallback: str | None = None
         self._state: _State | None = None
         self._state_key: tuple | None = None
-        self._check_derivatives = bool(check_derivatives)
+        self._check_derivatives = bool(check_derivatives) and method != _FD
 
         self._validate_first_batch()
         if check_deterministic:
@@ -351,6 +359,8 @@ class CurvatureOperator(LinearOperator):
                 self._state = self._build_state(selected, others, inputs, targets)
                 self._state_key = key
             return self._apply_state(self._state, Vs)
+        if self._path == _FD:
+            return fd_batch_product(self, inputs, targets, Vs)
         selected, others = self._tensors()
         if self._path == "func":
             out = self._func_product(selected, others, inputs, targets, Vs)

@@ -57,6 +57,7 @@ class Hessian(CurvatureOperator):
     """
 
     _difference = staticmethod(hessian_difference)
+    finite_difference_supported = True  # method="finite_difference" (_finite_difference)
 
     def _func_product(self, selected, others, inputs, targets, Vs):
         def loss_of(p: dict[str, Tensor], t: Tensor) -> Tensor:
