@@ -10,6 +10,7 @@ never fires DDP's gradient hooks, so the operators all-reduce the products thems
 from __future__ import annotations
 
 import datetime
+import warnings
 from pathlib import Path
 
 import torch
@@ -38,7 +39,12 @@ def _setup() -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
 def _results(model: nn.Module, data, V: torch.Tensor) -> dict[str, object]:
     H = Hessian(model, CE, data)
     F = Hessian(model, CE, data, method="finite_difference")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # BatchNorm has no Kronecker form: skipped, with a warning
+        K = hl.KFAC(model, CE, data, dtype=torch.float64)
     return {
+        "kfac_names": K.param_names,
+        "KV": K @ V[: K.shape[0]],
         "names": H.param_names,
         "HV": H @ V,
         "FV": F @ V,
@@ -84,6 +90,8 @@ def test_ddp_wrapped_unwrapped_and_one_process_agree(tmp_path):
             r = got[kind]
             assert r["names"] == expected["names"]  # the inner module's, no "module."
             assert r["num_data"] == 20
+            assert r["kfac_names"] == expected["kfac_names"]
+            assert _close(r["KV"], expected["KV"], TOL), (rank, kind)
             assert _close(r["HV"], expected["HV"], TOL), (rank, kind)
             assert _close(r["top2"], expected["top2"], TOL), (rank, kind, r["top2"])
             # finite differences across ranks: the same quotient as one process, up to the

@@ -20,6 +20,7 @@ from hesslab.linops._base import ChainOperator, LinearOperator, PermutationOpera
 from hesslab.linops._hessian import Hessian
 from hesslab.linops._model import ModelData
 from hesslab.linops._params import ParamSpec, select_parameters
+from hesslab.linops._wrapped import unwrap_model
 from hesslab.linops.kfac._computer import KFACComputer, KronFactors, SampleTerms
 from hesslab.linops.kfac._kronecker import KroneckerBlockDiagonal
 from hesslab.linops.kfac._layers import KronLayer, LayerSpec, display, layer_perm, resolve_layers
@@ -114,6 +115,7 @@ class KFAC(LinearOperator):
         kfac_approx: str = "expand",
         loss_type: str | None = None,
     ):
+        model, layers = unwrap_model(model, layers)  # DistributedDataParallel: its .module
         md = ModelData(model, loss_fn, data, dtype=dtype, progress=progress, name="KFAC")
         if curvature not in _CURVATURES:
             raise HesslabError(f"curvature: expected one of {_CURVATURES}, got {curvature!r}")
