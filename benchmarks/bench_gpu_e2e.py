@@ -37,7 +37,6 @@ import argparse
 import importlib.util
 import json
 import math
-import statistics
 import sys
 import time
 import traceback
@@ -48,7 +47,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import OUT, environment, sync, table  # noqa: E402
+from _common import OUT, environment, sync, table, timeit  # noqa: E402
 
 PEERS = {"pyhessian": "pyhessian", "hessian-eigenthings": "hessian_eigenthings", "curvlinops": "curvlinops"}
 TASKS = ("product", "top10", "slq", "trace")
@@ -141,16 +140,7 @@ REPEATS = 5  # timed single products after a warm-up (1 with --quick)
 
 
 def single_product_seconds(fn, device: str, repeats: int | None = None) -> float:
-    repeats = REPEATS if repeats is None else repeats
-    times = []
-    for i in range(repeats + 1):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        if i:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return timeit(fn, REPEATS if repeats is None else repeats, device)
 
 
 def wall(fn, device: str):

@@ -437,17 +437,46 @@ def test_eval_mode_is_default_and_train_mode_batchnorm_matches_oracle():
         Hessian(model, CE, (X, y), train_mode=True, method="func")
 
 
-def test_train_mode_determinism_check_fires_with_dropout():
-    model = mlp(dropout=0.5)
+class _Reshuffled:
+    """A re-iterable that deals the samples into new batches on every pass (like shuffle=True)."""
+
+    def __init__(self, X, y, size):
+        self.X, self.y, self.size, self.passes = X, y, size, 0
+
+    def __iter__(self):
+        self.passes += 1
+        order = torch.randperm(len(self.y), generator=torch.Generator().manual_seed(self.passes))
+        for i in range(0, len(order), self.size):
+            idx = order[i : i + self.size]
+            yield self.X[idx], self.y[idx]
+
+
+def test_train_mode_determinism_check_fires_when_the_batches_change():
     X, y = classification_data(20)
-    for data in [(X, y), [(X[:10], y[:10]), (X[10:], y[10:])]]:
-        with pytest.raises(HesslabError, match=r"(?s)check_deterministic.*dropout.*BatchNorm"):
-            Hessian(model, CE, data, train_mode=True)
-    # eval mode switches dropout off; opting out of the check is possible
-    Hessian(model, CE, (X, y))
-    H = Hessian(model, CE, [(X, y)], train_mode=True, check_deterministic=False)
+    model = mlp(batchnorm=True)
+    with pytest.raises(HesslabError, match=r"(?s)check_deterministic.*dropout.*BatchNorm"):
+        Hessian(model, CE, _Reshuffled(X, y, 5), train_mode=True)
+    # eval mode uses the running statistics: the same matrix however the data is dealt
+    Hessian(model, CE, _Reshuffled(X, y, 5))
+    H = Hessian(model, CE, _Reshuffled(X, y, 5), train_mode=True, check_deterministic=False)
     assert torch.isfinite(H @ torch.ones(H.shape[0])).all()
     assert not model.training
+
+
+def test_dropout_in_train_mode_is_seeded_and_leaves_the_global_rng_alone():
+    model = mlp(dropout=0.5)
+    X, y = classification_data(20)
+    v = torch.randn(sum(p.numel() for p in model.parameters()), 2, generator=torch.Generator().manual_seed(3))
+    for data in [(X, y), [(X[:10], y[:10]), (X[10:], y[10:])]]:
+        before = torch.get_rng_state()
+        H = Hessian(model, CE, data, train_mode=True)  # the determinism check passes: fixed masks
+        first, second = H @ v, H @ v
+        assert torch.equal(torch.get_rng_state(), before)
+        assert torch.equal(first, second)
+        assert torch.equal(Hessian(model, CE, data, train_mode=True) @ v, first)  # same seed, same bits
+        other = Hessian(model, CE, data, train_mode=True, seed=1) @ v
+        assert not torch.allclose(other, first)  # another seed, other masks
+        assert not torch.allclose(Hessian(model, CE, data) @ v, first)  # eval mode: no dropout
 
 
 def test_dtype_option_runs_a_float64_copy():

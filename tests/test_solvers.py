@@ -272,7 +272,7 @@ def test_ctrl_c_during_a_step_commit_arrives_after_it():
 
 
 def test_memory_estimate_refuses_with_options(monkeypatch):
-    monkeypatch.setattr(_krylov, "_available_bytes", lambda device: 1000)
+    monkeypatch.setattr(_krylov, "available_bytes", lambda device: 1000)
     op = DenseOperator(torch.eye(50, dtype=torch.float64))
     with pytest.raises(HesslabError, match="basis_dtype=torch.float32") as err:
         spectral_density(op, num_steps=10, num_probes=4)

@@ -20,25 +20,14 @@
 
 #include <cublas_v2.h>
 
+#include "kron_kernels.h"
+
 #include <cstdint>
 
 namespace hesslab {
 namespace cuda {
 
-// C_e = op(X_e) op(Y_e) for e < batch, all row-major: op(X) (M x K), op(Y) (K x N),
-// C (M x N); Z_e = Z + e * stride_z (stride 0: one matrix shared by the batch).
-template <typename T>
-struct RowMajorGemm {
-  const T* X;
-  const T* Y;
-  T* C;
-  int64_t M, N, K;
-  int64_t ldx, ldy, ldc;
-  int64_t stride_x, stride_y, stride_c;
-  int64_t batch;
-  bool trans_x;  // op(X)[m][k] = X[k * ldx + m]
-  bool trans_y;  // op(Y)[k][n] = Y[n * ldy + k]
-};
+// RowMajorGemm: see kron_kernels.h.
 
 // Enqueues the GEMM on the handle's stream (no host synchronisation). Returns the first
 // cuBLAS error, or CUBLAS_STATUS_INVALID_VALUE for a dimension beyond cuBLAS's int range.

@@ -82,46 +82,20 @@ std::pair<Layers<T>, Layers<T>> split_layers(const Layers<T>& layers) {
   return out;
 }
 
-enum class Side { kRight, kLeft };
 
 // For every layer of `layers` and batch row e, through cuBLAS: C_l = X_l op(right)
-// (Side::kRight) or C_l = op(left) X_l (Side::kLeft); op = transpose when `transpose`.
+// (hesslab::cuda::Side::kRight) or C_l = op(left) X_l (hesslab::cuda::Side::kLeft); op = transpose when `transpose`.
 // X, C: (b, N) flat, distinct.
 template <typename T>
-void cublas_layer_products(const Layers<T>& layers, Side side, bool transpose, const T* X, T* C,
+void cublas_layer_products(const Layers<T>& layers, hesslab::cuda::Side side, bool transpose, const T* X, T* C,
                            int64_t b, int64_t N, bool allow_tf32, const char* op) {
   if (layers.empty()) {
     return;
   }
   cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();  // bound to the current stream
   for (const auto& L : layers) {
-    hesslab::cuda::RowMajorGemm<T> g{};
-    g.M = L.out;
-    g.N = L.in;
-    g.batch = b;
-    g.C = C + L.offset;
-    g.ldc = L.in;
-    g.stride_c = N;
-    if (side == Side::kRight) {
-      g.K = L.in;
-      g.X = X + L.offset;
-      g.ldx = L.in;
-      g.stride_x = N;
-      g.Y = L.right;
-      g.ldy = L.in;
-      g.stride_y = 0;
-      g.trans_y = transpose;
-    } else {
-      g.K = L.out;
-      g.X = L.left;
-      g.ldx = L.out;
-      g.stride_x = 0;
-      g.trans_x = transpose;
-      g.Y = X + L.offset;
-      g.ldy = L.in;
-      g.stride_y = N;
-    }
-    const cublasStatus_t status = hesslab::cuda::row_major_gemm<T>(handle, g, allow_tf32);
+    const cublasStatus_t status = hesslab::cuda::row_major_gemm<T>(
+        handle, hesslab::cuda::layer_gemm(L, side, transpose, X, C, b, N), allow_tf32);
     TORCH_CHECK(status == CUBLAS_STATUS_SUCCESS, "hesslab.", op, ": cuBLAS GEMM failed: ",
                 cublasGetStatusString(status));
   }
@@ -164,8 +138,8 @@ void launch_kron_matmul(const KronArgs& args, const at::Tensor& V, const at::Ten
                                                     o, ws, stream),
                  "kron_matmul");
   }
-  cublas_layer_products<T>(large, Side::kRight, true, v, ws, b, N, allow_tf32, "kron_matmul");
-  cublas_layer_products<T>(large, Side::kLeft, false, ws, o, b, N, allow_tf32, "kron_matmul");
+  cublas_layer_products<T>(large, hesslab::cuda::Side::kRight, true, v, ws, b, N, allow_tf32, "kron_matmul");
+  cublas_layer_products<T>(large, hesslab::cuda::Side::kLeft, false, ws, o, b, N, allow_tf32, "kron_matmul");
 }
 
 at::Tensor kron_matmul_op(at::TensorList A, at::TensorList B, const at::Tensor& V,
@@ -215,14 +189,14 @@ void launch_kron_eig_apply(const KronArgs& args, const at::Tensor& V, double pow
   if (large.empty()) {
     return;
   }
-  cublas_layer_products<T>(large, Side::kRight, false, v, ws, b, N, allow_tf32, op);
-  cublas_layer_products<T>(large, Side::kLeft, true, ws, o, b, N, allow_tf32, op);
+  cublas_layer_products<T>(large, hesslab::cuda::Side::kRight, false, v, ws, b, N, allow_tf32, op);
+  cublas_layer_products<T>(large, hesslab::cuda::Side::kLeft, true, ws, o, b, N, allow_tf32, op);
   check_launch(hesslab::cuda::kron_eig_scale_cuda<T>(large.data(),
                                                      static_cast<int64_t>(large.size()), thr,
                                                      power, damping, o, b, N, stream),
                op);
-  cublas_layer_products<T>(large, Side::kRight, true, o, ws, b, N, allow_tf32, op);
-  cublas_layer_products<T>(large, Side::kLeft, false, ws, o, b, N, allow_tf32, op);
+  cublas_layer_products<T>(large, hesslab::cuda::Side::kRight, true, o, ws, b, N, allow_tf32, op);
+  cublas_layer_products<T>(large, hesslab::cuda::Side::kLeft, false, ws, o, b, N, allow_tf32, op);
 }
 
 at::Tensor kron_eig_apply_op(at::TensorList UA, at::TensorList lamA, at::TensorList UB,

@@ -55,22 +55,11 @@ static_assert((kTileM * kTileK) % kBlockThreads == 0 && (kTileK * kTileN) % kBlo
 // Groups (GEMM problems, or layers to scale) per launch.
 constexpr int kMaxGroups = 16;
 
-// One batched GEMM problem: C_e = op(A_e) op(B_e) for e < batch, op(A) (M x K),
-// op(B) (K x N), C (M x N), row-major with leading dimensions lda, ldb, ldc, and
-// X_e = X + e * stride_x (stride 0: shared by every batch element).
+// One GEMM problem of a grouped launch (RowMajorGemm, kron_kernels.h) with its tiling.
 template <typename T>
-struct GemmGroup {
-  const T* A;
-  const T* B;
-  T* C;
-  int64_t M, N, K;
-  int64_t lda, ldb, ldc;
-  int64_t stride_a, stride_b, stride_c;
-  int64_t batch;
+struct GemmGroup : RowMajorGemm<T> {
   int64_t tiles_n;           // ceil(N / kTileN), set by launch_grouped_gemm
   int64_t tiles_per_matrix;  // ceil(M / kTileM) * tiles_n, set by launch_grouped_gemm
-  bool trans_a;              // op(A)[m][k] = A[k * lda + m] instead of A[m * lda + k]
-  bool trans_b;              // op(B)[k][n] = B[n * ldb + k] instead of B[k * ldb + n]
 };
 
 // Kernel parameter of grouped_gemm_kernel: group g owns the tiles
@@ -101,8 +90,8 @@ __global__ void __launch_bounds__(kBlockThreads, 2)
   const int64_t rem = t - e * G.tiles_per_matrix;
   const int64_t m0 = (rem / G.tiles_n) * kTileM;
   const int64_t n0 = (rem % G.tiles_n) * kTileN;
-  const T* A = G.A + e * G.stride_a;
-  const T* B = G.B + e * G.stride_b;
+  const T* A = G.X + e * G.stride_x;
+  const T* B = G.Y + e * G.stride_y;
   T* C = G.C + e * G.stride_c;
   const int tx = threadIdx.x % kThreadsN;
   const int ty = threadIdx.x / kThreadsN;
@@ -122,26 +111,26 @@ __global__ void __launch_bounds__(kBlockThreads, 2)
 #pragma unroll
     for (int s = 0; s < kTileM * kTileK / kBlockThreads; ++s) {
       const int idx = threadIdx.x + s * kBlockThreads;
-      const int mm = G.trans_a ? idx % kTileM : idx / kTileK;
-      const int kk = G.trans_a ? idx / kTileM : idx % kTileK;
+      const int mm = G.trans_x ? idx % kTileM : idx / kTileK;
+      const int kk = G.trans_x ? idx / kTileM : idx % kTileK;
       const int64_t gm = m0 + mm;
       const int64_t gk = k0 + kk;
       T v = T(0);
       if (gm < G.M && gk < G.K) {
-        v = G.trans_a ? A[gk * G.lda + gm] : A[gm * G.lda + gk];
+        v = G.trans_x ? A[gk * G.ldx + gm] : A[gm * G.ldx + gk];
       }
       As[kk][mm] = v;
     }
 #pragma unroll
     for (int s = 0; s < kTileK * kTileN / kBlockThreads; ++s) {
       const int idx = threadIdx.x + s * kBlockThreads;
-      const int nn = G.trans_b ? idx / kTileK : idx % kTileN;
-      const int kk = G.trans_b ? idx % kTileK : idx / kTileN;
+      const int nn = G.trans_y ? idx / kTileK : idx % kTileN;
+      const int kk = G.trans_y ? idx % kTileK : idx / kTileN;
       const int64_t gk = k0 + kk;
       const int64_t gn = n0 + nn;
       T v = T(0);
       if (gk < G.K && gn < G.N) {
-        v = G.trans_b ? B[gn * G.ldb + gk] : B[gk * G.ldb + gn];
+        v = G.trans_y ? B[gn * G.ldy + gk] : B[gk * G.ldy + gn];
       }
       Bs[kk][nn] = v;
     }
@@ -216,7 +205,6 @@ cudaError_t launch_grouped_gemm(std::vector<GemmGroup<T>>& groups, cudaStream_t 
   return flush();
 }
 
-enum class Side { kRight, kLeft };
 
 // For every nonempty layer and batch row e: C_l = X_l op(right) (Side::kRight,
 // (out x in)(in x in)) or C_l = op(left) X_l (Side::kLeft, (out x out)(out x in)),
@@ -232,33 +220,7 @@ cudaError_t layer_products(const KronLayer<T>* layers, int64_t num_layers, Side 
       continue;
     }
     GemmGroup<T> g{};
-    g.M = L.out;
-    g.N = L.in;
-    g.batch = b;
-    g.C = C + L.offset;
-    g.ldc = L.in;
-    g.stride_c = N;
-    if (side == Side::kRight) {
-      g.K = L.in;
-      g.A = X + L.offset;
-      g.lda = L.in;
-      g.stride_a = N;
-      g.trans_a = false;
-      g.B = L.right;
-      g.ldb = L.in;
-      g.stride_b = 0;
-      g.trans_b = transpose;
-    } else {
-      g.K = L.out;
-      g.A = L.left;
-      g.lda = L.out;
-      g.stride_a = 0;
-      g.trans_a = transpose;
-      g.B = X + L.offset;
-      g.ldb = L.in;
-      g.stride_b = N;
-      g.trans_b = false;
-    }
+    static_cast<RowMajorGemm<T>&>(g) = layer_gemm(L, side, transpose, X, C, b, N);
     groups.push_back(g);
   }
   return launch_grouped_gemm<T>(groups, stream);

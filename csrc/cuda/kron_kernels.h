@@ -28,6 +28,61 @@ struct KronLayer {
   int64_t index;  // position in the op's layer list: its entry of `thresholds`
 };
 
+// One row-major strided-batched GEMM: C_e = op(X_e) op(Y_e) for e < batch, op(X) (M x K),
+// op(Y) (K x N), C (M x N), leading dimensions ldx, ldy, ldc, and Z_e = Z + e * stride_z
+// (stride 0: one matrix shared by the batch). The grouped kernel of kron_kernels.cu and the
+// cuBLAS path of kron_cuda.cpp both run it.
+template <typename T>
+struct RowMajorGemm {
+  const T* X;
+  const T* Y;
+  T* C;
+  int64_t M, N, K;
+  int64_t ldx, ldy, ldc;
+  int64_t stride_x, stride_y, stride_c;
+  int64_t batch;
+  bool trans_x;  // op(X)[m][k] = X[k * ldx + m] instead of X[m * ldx + k]
+  bool trans_y;  // op(Y)[k][n] = Y[n * ldy + k] instead of Y[k * ldy + n]
+};
+
+// Which factor of a layer multiplies its (out, in) block: X_l op(right) or op(left) X_l.
+enum class Side { kRight, kLeft };
+
+// The GEMM of one side of layer L for every batch row e: C_l = X_l op(right)
+// (Side::kRight, (out x in)(in x in)) or C_l = op(left) X_l (Side::kLeft,
+// (out x out)(out x in)); op = transpose when `transpose`. X, C: (b, N) flat, distinct.
+template <typename T>
+inline RowMajorGemm<T> layer_gemm(const KronLayer<T>& L, Side side, bool transpose, const T* X,
+                                  T* C, int64_t b, int64_t N) {
+  RowMajorGemm<T> g{};
+  g.M = L.out;
+  g.N = L.in;
+  g.batch = b;
+  g.C = C + L.offset;
+  g.ldc = L.in;
+  g.stride_c = N;
+  if (side == Side::kRight) {
+    g.K = L.in;
+    g.X = X + L.offset;
+    g.ldx = L.in;
+    g.stride_x = N;
+    g.Y = L.right;
+    g.ldy = L.in;
+    g.stride_y = 0;
+    g.trans_y = transpose;
+  } else {
+    g.K = L.out;
+    g.X = L.left;
+    g.ldx = L.out;
+    g.stride_x = 0;
+    g.trans_x = transpose;
+    g.Y = X + L.offset;
+    g.ldy = L.in;
+    g.stride_y = N;
+  }
+  return g;
+}
+
 // out_l = B_l V_l A_l^T for every layer and batch row. V, out: (b, N) row-major;
 // workspace: b*N elements of T. `layers` is a host array of num_layers entries.
 template <typename T>

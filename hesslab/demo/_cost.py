@@ -3,36 +3,15 @@ of its basis against what is free, and a time from one product timed on the oper
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
 import torch
 
+from ..solvers import available_bytes
 from ._stages import Stages
 
-__all__ = ["CostLog", "available_bytes", "format_bytes", "format_seconds"]
-
-
-def available_bytes(device: torch.device | str) -> int | None:
-    """Free memory on ``device`` (CUDA: free device memory; CPU: MemAvailable), or None."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        try:
-            return int(torch.cuda.mem_get_info(device)[0])
-        except Exception:  # noqa: BLE001 - unknown is fine for an estimate
-            return None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        return None
+__all__ = ["CostLog", "format_bytes", "format_seconds"]
 
 
 def format_bytes(n: float) -> str:

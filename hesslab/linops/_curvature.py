@@ -127,7 +127,9 @@ class CurvatureOperator(LinearOperator):
             parameters, buffers and floating data are cast copies; the model itself is
             untouched. ``None`` keeps the parameters' dtype.
         train_mode: Evaluate the model in train mode (BatchNorm batch statistics,
-            dropout). Default: eval mode. BatchNorm running statistics are never updated.
+            dropout). Default: eval mode. BatchNorm running statistics are never updated;
+            dropout masks come from a forked RNG seeded by (``seed``, batch index), so every
+            product sees the same masks and the global RNG is untouched.
         check_deterministic: At construction, apply the operator twice to one random
             vector and raise unless the results agree (done in train mode and when
             ``data`` is an iterable of batches, which may shuffle or augment).
@@ -189,12 +191,13 @@ class CurvatureOperator(LinearOperator):
         batched_columns: bool | str = "auto",
         batch_size_fn: Callable[[Any, Tensor], int] | None = None,
         check_derivatives: bool = True,
+        seed: int = 0,
     ):
         model, params = unwrap_model(model, params)
         self._check_options(method, batched_columns, reuse_graph, train_mode)
         md = ModelData(
             model, loss_fn, data, dtype=dtype, train_mode=train_mode, progress=progress,
-            batch_size_fn=batch_size_fn, name=type(self).__name__,
+            batch_size_fn=batch_size_fn, name=type(self).__name__, seed=seed,
         )
         self._md = md
         self.notes: list[str] = md.notes  # the math attention backend, the loss used
@@ -303,7 +306,7 @@ class CurvatureOperator(LinearOperator):
     def _validate_first_batch(self) -> None:
         """One forward pass on the first batch: devices, input dtypes, a finite scalar loss."""
         index, inputs, targets, _ = self._md.first_batch()
-        with torch.no_grad(), self._md.model_mode():
+        with torch.no_grad(), self._md.model_mode(), self._md.batch_rng(index):
             selected, others = self._tensors()
             out = self._check_output(self._md.forward({**others, **selected}, inputs, first=True))
             self._md.check_targets(out, targets, index)

@@ -144,6 +144,9 @@ class ModelData:
         train_mode: Evaluate the model in train mode (BatchNorm batch statistics,
             dropout); BatchNorm running statistics are never updated (buffers are
             cloned). Default: eval mode.
+        seed: In train mode, batch k draws its dropout masks on a forked RNG seeded with
+            (seed, k) (:meth:`batches`): every pass over the data sees the same masks, so
+            the operator is a fixed matrix, and the global RNG is left as it was.
         progress: Show a tqdm bar over batches (quiet when not on a terminal).
         batch_size_fn: ``(inputs, targets) -> int``, the weight n_k of a batch.
         name: The operator's name, for the progress bar and messages.
@@ -170,6 +173,7 @@ class ModelData:
         progress: bool = False,
         batch_size_fn: Callable[[Any, Tensor], int] | None = None,
         name: str = "operator",
+        seed: int = 0,
     ):
         if not isinstance(model, nn.Module):
             raise HesslabError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -187,6 +191,7 @@ class ModelData:
         self.loss_fn = loss_fn
         self.cast_dtype = dtype
         self.train_mode = bool(train_mode)
+        self.seed = int(seed)
         self.progress = bool(progress)
         self.name = name
         self.head = LossHead(model, loss_fn)
@@ -389,8 +394,14 @@ class ModelData:
         return loss.reshape(())
 
     # ------------------------------------------------------------------ batches
-    def batches(self, progress: bool | None = None) -> Iterator[tuple[int, Any, Tensor, int]]:
-        """Yield ``(index, inputs, targets, n_k)``, checked for the device and cast."""
+    def batches(
+        self, progress: bool | None = None, seeded: bool = True
+    ) -> Iterator[tuple[int, Any, Tensor, int]]:
+        """Yield ``(index, inputs, targets, n_k)``, checked for the device and cast.
+
+        In train mode the consumer's work on each batch runs inside :meth:`batch_rng`
+        (``seeded=False``: not, for a caller that takes one batch and seeds it itself).
+        """
         progress = self.progress if progress is None else progress
         source: Any = self.source.batches()
         if progress and not self.single:
@@ -407,7 +418,14 @@ class ModelData:
                 inputs, targets = self.prepare(inputs, targets, index)
                 if self.single:
                     self._single_cache = (inputs, targets)
-            yield index, inputs, targets, size
+            with self.batch_rng(index) if seeded else contextlib.nullcontext():
+                yield index, inputs, targets, size
+
+    def batch_rng(self, index: int) -> contextlib.AbstractContextManager:
+        """Train mode: a forked RNG seeded with (seed, index) around batch ``index``'s use."""
+        if not self.train_mode:
+            return contextlib.nullcontext()
+        return _seeded_rng(self.seed * 1_000_003 + index, self.device)
 
     def prepare(self, inputs: Any, targets: Tensor, index: int) -> tuple[Any, Tensor]:
         """Check that batch ``index`` is on the operator's device; cast it to ``dtype=``.
@@ -441,7 +459,7 @@ class ModelData:
         """
         batch, failed = None, None
         try:
-            batch = next(iter(self.batches(progress=False)), None)
+            batch = next(iter(self.batches(progress=False, seeded=False)), None)
             if batch is None:  # pragma: no cover - DataSource raises first
                 raise HesslabError("data: holds no samples")
         except HesslabError as err:
@@ -515,3 +533,15 @@ def _first_layer_hint(model: nn.Module) -> str:
         if isinstance(m, nn.modules.conv._ConvNd):
             return f" (its first convolution {name!r} expects {m.in_channels} input channels)"
     return ""
+
+
+@contextlib.contextmanager
+def _seeded_rng(seed: int, device: torch.device | None) -> Iterator[None]:
+    """Run the body on a forked RNG (CPU, and ``device`` when CUDA) seeded with ``seed``."""
+    cuda = device is not None and device.type == "cuda"
+    with torch.random.fork_rng(devices=[device] if cuda else []):
+        torch.default_generator.manual_seed(seed)
+        if cuda:
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+        yield

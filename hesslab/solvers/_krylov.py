@@ -64,9 +64,14 @@ from ._checks import is_int
 from ._checkpoint import Checkpoint, action_summary, fingerprint, operator_signature
 
 
-def _available_bytes(device: torch.device) -> int:
+def available_bytes(device: torch.device | str) -> int | None:
+    """Free memory on ``device`` (CUDA: free device memory; CPU: MemAvailable), or None."""
+    device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        try:
+            return int(torch.cuda.mem_get_info(device)[0])
+        except Exception:  # noqa: BLE001 - unknown is fine for an estimate
+            return None
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -74,15 +79,18 @@ def _available_bytes(device: torch.device) -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def check_basis_memory(b: int, m: int, n: int, dtype: torch.dtype, device: torch.device) -> int:
     """Bytes of a (b, m, n) basis; raises HesslabError with the options when it will not fit."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     need = b * m * n * itemsize
-    avail = _available_bytes(device)
-    if need > 0.8 * avail:
+    avail = available_bytes(device)
+    if avail is not None and need > 0.8 * avail:
         raise HesslabError(
             f"the Krylov basis needs {need / 2**30:.2f} GiB ({b} runs x {m} vectors x {n} parameters x "
             f"{itemsize} bytes) but only {avail / 2**30:.2f} GiB is available on {device}. Options: fewer steps "
