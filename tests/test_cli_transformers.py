@@ -49,3 +49,31 @@ def test_max_batches_counts_dict_batches_and_missing_labels_name_the_option(tmp_
                "--out", str(tmp_path / "b"), "--measures", "trace", "--quiet"])
     err = capsys.readouterr().err
     assert rc == 3 and "--data: the first batch is a dict without 'labels'" in err
+
+
+def _blocks_run(tmp_path, base):
+    proc = _cli(base + ["--out", tmp_path, "--measures", "blocks", "--blocks-steps", 8, "--blocks-probes", 2])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = proc.stderr.splitlines()
+    cost = next(i for i, line in enumerate(log) if "model: blocks (" in line and "will cost" in line)
+    assert cost < next(i for i, line in enumerate(log) if "per-block spectra (" in line)  # said before it starts
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["finished"] is True and not summary["errors"]
+    bs = summary["block_spectra"]["model"]
+    assert 0.0 <= bs["heterogeneity"] <= 1.0 and bs["num_blocks"] == len(bs["blocks"])
+    html = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert "Per-block spectra" in html and "heterogeneity" in html
+    assert (tmp_path / "plots" / "block_spectra_model.png").is_file()
+    return bs
+
+
+def test_blocks_measure_on_gpt2(tmp_path):
+    bs = _blocks_run(tmp_path, GPT)
+    assert {"transformer.h.0.attn.c_attn.q", "transformer.h.0.attn.c_attn.k", "transformer.h.0.attn.c_attn.v",
+            "transformer.h.0.mlp.c_fc", "transformer.wte"} <= set(bs["blocks"])
+    assert all(v["lambda_max"] is not None for v in bs["blocks"].values())
+
+
+def test_blocks_measure_on_an_mlp(tmp_path):
+    bs = _blocks_run(tmp_path, ["analyze", "--model", f"{FIX}:tiny_mlp", "--data", f"{FIX}:loader"])
+    assert set(bs["blocks"]) == {"0", "2"} and bs["blocks"]["0"]["size"] == 8 * 6 + 6

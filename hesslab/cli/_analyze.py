@@ -181,7 +181,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     num_classes = check_first_batch(model, loss_fn, data)
     budget = Budget(slq_steps=args.slq_steps, slq_probes=args.slq_probes, trace_matvecs=args.trace_matvecs,
                     layer_k=min(args.k, MAX_KFAC_K), layer_max_steps=args.kfac_steps,
-                    slq_reorthogonalize=args.slq_reorthogonalize)
+                    slq_reorthogonalize=args.slq_reorthogonalize, blocks_steps=args.blocks_steps,
+                    blocks_probes=args.blocks_probes)
     options: dict[str, Any] = {"train_mode": bool(args.train_mode)}
     if args.dtype:
         options["dtype"] = getattr(torch, args.dtype)
@@ -216,7 +217,9 @@ def add_analyze_parser(sub: Any) -> None:
                         "dict batches with 'labels', cross_entropy otherwise")
     p.add_argument("--measures", default="all",
                    help=f"comma-separated subset of {','.join(ANALYZE_MEASURES)}, or all (default); the ones a "
-                        "measure needs run too (power_law, concentration: top_k; outliers: density or top_k)")
+                        "measure needs run too (power_law, concentration: top_k; outliers: density or top_k); blocks: "
+                        "per-block spectra (hesslab.block_spectra: one SLQ density per attention projection, MLP "
+                        "layer, embedding, norm; their heterogeneity)")
     p.add_argument("--params", action="append", metavar="NAMES",
                    help="measure the Hessian of these parameters only: comma-separated names, module names or "
                         "globs (e.g. 'layer4.*'); repeat for several blocks, one result set each (default: all)")
@@ -244,6 +247,10 @@ def add_analyze_parser(sub: Any) -> None:
                         "names or globs, 'all', or auto (default: the largest layer and the last one)")
     p.add_argument("--kfac-steps", type=positive_int, default=DEFAULT_KFAC_STEPS,
                    help="at most this many Lanczos steps (products) per exact layer block (default %(default)s)")
+    p.add_argument("--blocks-steps", type=positive_int, default=30,
+                   help="blocks: Lanczos steps per SLQ probe of each block (capped at its size; default %(default)s)")
+    p.add_argument("--blocks-probes", type=positive_int, default=4,
+                   help="blocks: SLQ probes per block (default %(default)s)")
     add_threads_option(p)
     p.add_argument("--label", default="model", help="name of the model in files and the report (default: model)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout (logs go to stderr)")

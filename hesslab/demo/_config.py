@@ -11,9 +11,10 @@ from hesslab.analysis.pipeline import DEFAULTS, MEASURES
 __all__ = ["MEASURES", "ANALYZE_MEASURES", "REQUIRES", "Budget", "DemoConfig", "required_measures"]
 
 #: What ``hesslab analyze`` offers: the pipeline's measures (:data:`MEASURES`), the
-#: outliers (among the top eigenvalues and in the density) and the Kronecker-factor
-#: comparison; the demo runs them all on every model (kfac on some).
-ANALYZE_MEASURES = MEASURES + ("outliers", "kfac")
+#: outliers (among the top eigenvalues and in the density), the Kronecker-factor
+#: comparison and the per-block spectra; the demo runs them all on every model (kfac on
+#: some, blocks on the transformer).
+ANALYZE_MEASURES = MEASURES + ("outliers", "kfac", "blocks")
 
 #: The measures each measure needs (they are run too when it is asked for).
 REQUIRES: dict[str, tuple[str, ...]] = {
@@ -40,7 +41,8 @@ class Budget:
 
     The defaults are the pipeline's (:data:`hesslab.analysis.pipeline.DEFAULTS`);
     ``layer_k`` and ``layer_max_steps`` bound the Lanczos run on each exact layer block
-    of the Kronecker comparison (None: the solver's own limit).
+    of the Kronecker comparison (None: the solver's own limit); ``blocks_steps`` and
+    ``blocks_probes`` the SLQ of each block of the per-block spectra.
     """
 
     lanczos_tol: float = DEFAULTS["lanczos"]["tol"]
@@ -51,6 +53,8 @@ class Budget:
     trace_matvecs: int = DEFAULTS["trace"]["num_matvecs"]
     layer_k: int = 20
     layer_max_steps: int | None = None
+    blocks_steps: int = 30
+    blocks_probes: int = 4
 
     def pipeline_options(self) -> dict[str, Any]:
         """Keyword arguments for :func:`hesslab.analysis.measure_spectrum` (Hutch++ gets at

@@ -6,6 +6,7 @@ from typing import Any, Mapping
 
 from hesslab.report import Report, plots
 
+from ._blocks import blocks_section
 from ._text import fmt, pretty, safe
 from .sections import ghorbani_section, singh_section, wu_section, xie_section
 
@@ -89,7 +90,7 @@ def build_demo_report(summary: Mapping[str, Any], analyses: Mapping[str, Any], k
 
 
 def build_analysis_report(summary: Mapping[str, Any], analyses: Mapping[str, Any], kfacs: Mapping[str, Any],
-                          stages: Any = None) -> Report:
+                          stages: Any = None, block_spectra: Mapping[str, Any] | None = None) -> Report:
     """The report of ``hesslab analyze``: what was measured on this one model, as far as
     the run got (it is rewritten after every measure)."""
     log = getattr(stages, "log", None)
@@ -105,6 +106,8 @@ def build_analysis_report(summary: Mapping[str, Any], analyses: Mapping[str, Any
         wu_section(rep, kfacs, None, summary, log, demo=False)
     if measures & {"top_k", "power_law"} and any("top_k" in a.results for a in analyses.values()):
         xie_section(rep, analyses, log)
+    if "blocks" in measures and block_spectra:
+        blocks_section(rep, block_spectra, log)
     files_section(rep, summary)
     return rep
 
