@@ -86,6 +86,7 @@ class DemoConfig:
     rank_hidden: tuple[int, ...]
     rank_samples: int
     second_seed_epochs: int
+    transformer_epochs: int
 
     @classmethod
     def make(cls, quick: bool) -> DemoConfig:
@@ -94,15 +95,15 @@ class DemoConfig:
                 quick=True, epochs=6, checkpoint_epochs=(0, 1, 2, 4, 6), hessian_samples=256, k_top=30,
                 k_concentration=10,
                 budget=Budget(lanczos_tol=1e-5, slq_steps=40, slq_probes=4, density_grid=2000, trace_matvecs=30,
-                              layer_k=10),
+                              layer_k=10, blocks_steps=15, blocks_probes=2),
                 kfac_models=("mlp", "mlp_bn"), tracking_models=("mlp", "mlp_bn"), tracking_k=10,
                 tracking_density=(30, 3), tracking_trace=0, rank_hidden=(1, 2, 4, 8, 12), rank_samples=48,
-                second_seed_epochs=6,
+                second_seed_epochs=6, transformer_epochs=5,
             )
         return cls(
             quick=False, epochs=15, checkpoint_epochs=(0, 1, 2, 3, 5, 8, 11, 15), hessian_samples=1024, k_top=60,
             k_concentration=10, budget=Budget(),
             kfac_models=("mlp", "mlp_bn", "cnn"), tracking_models=("mlp", "mlp_bn"), tracking_k=10,
             tracking_density=(50, 6), tracking_trace=30, rank_hidden=(1, 2, 3, 4, 6, 8, 10, 12, 16), rank_samples=64,
-            second_seed_epochs=15,
+            second_seed_epochs=15, transformer_epochs=15,
         )
