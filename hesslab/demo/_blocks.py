@@ -101,9 +101,9 @@ def blocks_sentence(label: str, result: Any) -> str:
             f"densities (heterogeneity) {nb['heterogeneity']:.3f} (0: identical spectra, 1: disjoint).")
     if len(lam) >= 2:
         hi, lo = max(lam, key=lam.get), min(lam, key=lam.get)
-        ratio = f", {lam[hi] / lam[lo]:.3g}× larger" if lam[lo] > 0 else ""
-        text += (f" The largest λ_max estimate is that of {hi} ({fmt(lam[hi])}), the smallest that of {lo} "
-                 f"({fmt(lam[lo])}{ratio}).")
+        ratio = f", {lam[hi] / lam[lo]:.3g} times" if lam[lo] > 0 else ""
+        text += (f" The largest λ_max estimate is that of {hi} ({fmt(lam[hi])}{ratio} the smallest, that of {lo}: "
+                 f"{fmt(lam[lo])}).")
     return text
 
 

@@ -22,7 +22,8 @@ def overview_section(rep: Report, summary: Mapping[str, Any], log: Any = None) -
         intro=("hesslab turns a model, a loss and data into a linear operator over the parameters (the Hessian of "
                "the mean loss) and measures its spectrum with Lanczos (top eigenpairs, with their residuals "
                "‖Hv − λv‖), stochastic Lanczos quadrature (the eigenvalue density) and Hutch++ (the trace). "
-               "The sections below reproduce the central measurements of four papers on small networks trained "
+               "The sections below reproduce the central measurements of five papers on small networks (and a tiny "
+               "transformer) trained "
                "on scikit-learn's bundled 8×8 digits (no download)."),
     )
     training = summary.get("training") or {}
