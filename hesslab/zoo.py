@@ -118,6 +118,34 @@ def resnet18_cifar(num_classes: int = 10, seed: int = 0) -> ResNet:
     torch.manual_seed(seed)
     return ResNet((64, 128, 256, 512), (2, 2, 2, 2), 3, num_classes)
 
+class DigitsTransformer(nn.Module):
+    """A tiny transformer encoder on the digits: each 8×8 image (N, 64) is a sequence of
+    its 8 rows of 8 pixels, embedded by a linear map plus a learned position embedding,
+    then ``num_layers`` ``nn.TransformerEncoderLayer`` (pre-norm, no dropout), a mean over
+    the rows and a linear head to 10 classes."""
+
+    def __init__(self, d_model: int = 16, nhead: int = 2, num_layers: int = 1, dim_feedforward: int = 32):
+        super().__init__()
+        self.embed = nn.Linear(8, d_model)
+        self.pos = nn.Parameter(0.1 * torch.randn(8, d_model))
+        self.encoder = nn.ModuleList(
+            nn.TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout=0.0, batch_first=True,
+                                       norm_first=True)
+            for _ in range(num_layers))
+        self.head = nn.Linear(d_model, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.embed(x.reshape(-1, 8, 8)) + self.pos
+        for layer in self.encoder:
+            h = layer(h)
+        return self.head(h.mean(dim=1))
+
+
+def digits_transformer(d_model: int = 16, nhead: int = 2, num_layers: int = 1, seed: int = 0) -> DigitsTransformer:
+    """The demo's transformer (:class:`DigitsTransformer`) on the flat digits (N, 64)."""
+    torch.manual_seed(seed)
+    return DigitsTransformer(d_model, nhead, num_layers)
+
 
 def batches(data: Batch, batch_size: int, shuffle: bool = False, seed: int = 0) -> Iterator[Batch]:
     """Mini-batches of (X, y); the last one may be smaller."""

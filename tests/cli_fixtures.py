@@ -11,6 +11,9 @@ loads these by name, as it loads a user's own factories.
     bn_mlp()              8 -> 6 (BatchNorm) -> 3: its Hessian differs in train and eval mode
     broken_factory()      raises
     my_cross_entropy      a plain loss function (pkg.module:fn)
+    gpt2_tiny()           a GPT-2 from a config (1 layer, 16 wide, vocabulary 32), random init
+    lm_loader()           2 dict batches {"input_ids", "labels"} of 2 sequences of 8 tokens
+    lm_loader_no_labels() the same batches without "labels"
 """
 
 from __future__ import annotations
@@ -69,3 +72,26 @@ def broken_factory() -> nn.Module:
 
 def my_cross_entropy(output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(output, targets)
+
+
+LM_VOCAB = 32
+
+
+def gpt2_tiny() -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=LM_VOCAB, n_positions=16))
+
+
+def lm_loader() -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(2)
+    batches = []
+    for _ in range(2):
+        ids = torch.randint(0, LM_VOCAB, (2, 8), generator=gen)
+        batches.append({"input_ids": ids, "labels": ids.clone()})
+    return batches
+
+
+def lm_loader_no_labels() -> list[dict[str, torch.Tensor]]:
+    return [{"input_ids": b["input_ids"]} for b in lm_loader()]

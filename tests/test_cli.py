@@ -83,6 +83,25 @@ def test_demo_report_references_every_plot(demo_run):
         assert paper in html
 
 
+def test_demo_transformer_and_its_per_block_spectra(demo_run):
+    rc, _, stderr, out = demo_run
+    assert rc == 0, stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    tr = summary["transformer"]
+    assert tr["num_params"] > 1000 and tr["test_accuracy"] > 0.3  # it learned something in the quick preset
+    bs = summary["block_spectra"]
+    assert set(bs) == {"transformer", "mlp"}
+    names = set(bs["transformer"]["blocks"])
+    assert {"encoder.0.self_attn.q", "encoder.0.self_attn.k", "encoder.0.self_attn.v", "head"} <= names
+    for label in bs:
+        assert 0.0 <= bs[label]["heterogeneity"] <= 1.0
+    assert (out / "plots" / "block_spectra_transformer.png").is_file()
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert "Per-block spectra" in html and "Zhang" in html
+    assert f"{bs['transformer']['heterogeneity']:.3f} for the transformer" in html  # the sentence uses the numbers
+    assert isinstance(load_results(out)["transformer/block_spectra"], hl.BlockSpectra)
+
+
 def test_demo_results_parse_back_into_result_objects(demo_run):
     _, _, _, out = demo_run
     summary = json.loads((out / "summary.json").read_text())

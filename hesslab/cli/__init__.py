@@ -104,12 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser(
-        "demo", help="train small networks on the bundled digits data and reproduce the four papers' measurements",
+        "demo", help="train small networks on the bundled digits data and reproduce the five papers' measurements",
         description=("Trains an MLP and a small CNN on scikit-learn's digits (no download), each with and without "
                      "BatchNorm, keeping checkpoints, and measures top eigenvalues with residuals, the SLQ density, "
                      "the trace, power-law fits, Kronecker factors against exact layer Hessians, ranks of deep "
                      "linear networks against the formulas, gradient concentration and outliers, and the spectrum "
-                     "through training. Writes results (JSON, NPZ), report.html and summary.json."))
+                     "through training, and per-block spectra of a tiny transformer on the digits' rows. Writes results "
+                     "(JSON, NPZ), report.html and summary.json."))
     p.add_argument("--out", default="hesslab-demo", metavar="DIR", help="output folder (default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="smaller sizes: under a minute on 2 CPU cores")
     p.add_argument("--seed", type=int, default=0, help="seed of data split, initialisation and probes (default 0)")

@@ -11,7 +11,7 @@ from typing import Any
 from hesslab.errors import HesslabError
 
 from ._common import add_threads_option, choose_threads, positive_int
-from ._load import LOSSES, check_first_batch, load_checkpoint, load_data, load_loss, load_model
+from ._load import LOSSES, MODEL_LOSS, check_first_batch, default_loss, load_checkpoint, load_data, load_loss, load_model
 from ._output import finish
 
 __all__ = ["add_analyze_parser", "cmd_analyze", "parse_measures", "make_translator", "DEFAULT_MAX_BATCHES",
@@ -143,6 +143,15 @@ def _data_note(used: dict[str, Any], max_batches: int) -> str:
     return f"all {used['batches']} batch(es) of the loader ({used['samples']} samples)"
 
 
+def _check_kfac_loss(measures: list[str], loss_fn: Any, loss_name: str | None) -> None:
+    from torch import nn
+
+    if "kfac" in measures and loss_name is not None and loss_name not in (*LOSSES, MODEL_LOSS) and not isinstance(
+            loss_fn, (nn.CrossEntropyLoss, nn.MSELoss)):
+        raise HesslabError("--measures: kfac needs --loss cross_entropy, mse or model (the Kronecker factors "
+                           "propagate the Hessian of a known loss); drop kfac from --measures or use one of those")
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
     import torch
 
@@ -150,11 +159,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     measures = parse_measures(args.measures)
     device = _parse_device(args.device)
-    loss_fn, loss_name = load_loss(args.loss)
-    if "kfac" in measures and loss_name not in LOSSES and not isinstance(
-            loss_fn, (torch.nn.CrossEntropyLoss, torch.nn.MSELoss)):
-        raise HesslabError("--measures: kfac needs --loss cross_entropy or mse (the Kronecker factors propagate the "
-                           "Hessian of a known loss); drop kfac from --measures or use a built-in loss")
+    loss_fn, loss_name = load_loss(args.loss) if args.loss else (None, None)
+    _check_kfac_loss(measures, loss_fn, loss_name)
     torch.manual_seed(args.seed)
     model = load_model(args.model)
     if args.checkpoint:
@@ -169,14 +175,18 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         torch.set_num_threads(threads)
     model = model.to(device)
     data, used = load_data(args.data, device, args.max_batches)
+    if loss_name is None:  # no --loss: the model's own for dict batches with labels
+        loss_fn, loss_name = load_loss(default_loss(data))
+        _check_kfac_loss(measures, loss_fn, loss_name)
     num_classes = check_first_batch(model, loss_fn, data)
     budget = Budget(slq_steps=args.slq_steps, slq_probes=args.slq_probes, trace_matvecs=args.trace_matvecs,
                     layer_k=min(args.k, MAX_KFAC_K), layer_max_steps=args.kfac_steps,
-                    slq_reorthogonalize=args.slq_reorthogonalize)
+                    slq_reorthogonalize=args.slq_reorthogonalize, blocks_steps=args.blocks_steps,
+                    blocks_probes=args.blocks_probes)
     options: dict[str, Any] = {"train_mode": bool(args.train_mode)}
     if args.dtype:
         options["dtype"] = getattr(torch, args.dtype)
-    source = {"model": args.model, "checkpoint": args.checkpoint or "", "data": args.data, "loss": args.loss,
+    source = {"model": args.model, "checkpoint": args.checkpoint or "", "data": args.data, "loss": loss_name,
               "device": str(device), "batches": used["batches"], "samples": used["samples"],
               "data_used": _data_note(used, args.max_batches), "outputs": num_classes,
               "mode": "train" if args.train_mode else "eval", "dtype": args.dtype or "the model's"}
@@ -194,17 +204,22 @@ def add_analyze_parser(sub: Any) -> None:
         "analyze", help="the same analyses on your model: --model pkg.module:factory --data pkg.module:loader",
         description=("Loads a model from a factory (pkg.module:name or path/to/file.py:name: an nn.Module or a "
                      "callable returning one), optionally a state_dict checkpoint, and data from a loader factory "
-                     "(a callable returning a DataLoader, a list of (inputs, targets) batches or one such pair), "
+                     "(a callable returning a DataLoader, a list of (inputs, targets) batches or of dict batches such as "
+                     "{'input_ids': ..., 'labels': ...}, passed as model(**batch), or one such batch), "
                      "then measures the Hessian of the mean loss over the batches used. Each measure says what "
                      "it will cost before it starts; report.html and summary.json are rewritten after each one."))
     p.add_argument("--model", required=True, metavar="MOD:FACTORY", help="model factory, e.g. mypkg.models:make_net")
     p.add_argument("--checkpoint", metavar="FILE", help="state_dict to load (torch.save(model.state_dict(), FILE))")
     p.add_argument("--data", required=True, metavar="MOD:LOADER", help="loader factory, e.g. mypkg.data:val_loader")
-    p.add_argument("--loss", default="cross_entropy", metavar="LOSS",
-                   help="cross_entropy, mse or pkg.module:fn (fn(output, targets) -> mean loss); default %(default)s")
+    p.add_argument("--loss", default=None, metavar="LOSS",
+                   help="cross_entropy, mse, model (the model's own loss: output.loss; a causal LM's token "
+                        "cross-entropy) or pkg.module:fn (fn(output, targets) -> mean loss); default: model for "
+                        "dict batches with 'labels', cross_entropy otherwise")
     p.add_argument("--measures", default="all",
                    help=f"comma-separated subset of {','.join(ANALYZE_MEASURES)}, or all (default); the ones a "
-                        "measure needs run too (power_law, concentration: top_k; outliers: density or top_k)")
+                        "measure needs run too (power_law, concentration: top_k; outliers: density or top_k); blocks: "
+                        "per-block spectra (hesslab.block_spectra: one SLQ density per attention projection, MLP "
+                        "layer, embedding, norm; their heterogeneity)")
     p.add_argument("--params", action="append", metavar="NAMES",
                    help="measure the Hessian of these parameters only: comma-separated names, module names or "
                         "globs (e.g. 'layer4.*'); repeat for several blocks, one result set each (default: all)")
@@ -232,6 +247,10 @@ def add_analyze_parser(sub: Any) -> None:
                         "names or globs, 'all', or auto (default: the largest layer and the last one)")
     p.add_argument("--kfac-steps", type=positive_int, default=DEFAULT_KFAC_STEPS,
                    help="at most this many Lanczos steps (products) per exact layer block (default %(default)s)")
+    p.add_argument("--blocks-steps", type=positive_int, default=30,
+                   help="blocks: Lanczos steps per SLQ probe of each block (capped at its size; default %(default)s)")
+    p.add_argument("--blocks-probes", type=positive_int, default=4,
+                   help="blocks: SLQ probes per block (default %(default)s)")
     add_threads_option(p)
     p.add_argument("--label", default="model", help="name of the model in files and the report (default: model)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout (logs go to stderr)")

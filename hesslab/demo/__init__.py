@@ -13,6 +13,9 @@ training, and then measures what the four papers behind hesslab measure:
 * Xie et al. (2022): power-law fits of the top eigenvalues with the KS verdict.
 * Singh et al. (NeurIPS 2021): measured ranks of H_L, H_O, H_F of small deep linear
   networks against the closed-form predictions.
+* Zhang et al. (2024, "Why Transformers Need Adam"): per-block spectra of a tiny
+  transformer trained on the digits (each image a sequence of its 8 rows;
+  ``hesslab.zoo.digits_transformer``) against those of the MLP, and their heterogeneity.
 
 It writes ``summary.json`` (headline numbers and a manifest of result files),
 ``results/<model>/<measure>.{json,npz}`` (each result dataclass's own ``save()``),
@@ -24,6 +27,7 @@ model's spectrum by :func:`hesslab.analysis.measure_spectrum`, shared with ``ana
 ``_kfac`` (Kronecker factors against exact layer blocks, Wu et al.), ``_rank`` (ranks of
 deep linear networks, Singh et al.), ``_run`` (:func:`run_demo`), ``_analyze``
 (:func:`run_analysis`), :mod:`hesslab.demo.sections` (the four papers' report sections),
+``_blocks`` (per-block spectra: the demo's transformer, ``analyze --measures blocks``),
 ``_report`` (the report pages), ``_text`` (formatting shared by the sections), ``_output``
 (the summary and the report written to the run folder), ``_cost`` (what each measure will
 cost, said before it starts).

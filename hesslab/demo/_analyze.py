@@ -13,6 +13,7 @@ from torch import nn
 
 from hesslab._results import jsonable
 
+from ._blocks import BlocksAnalysis, blocks_analysis, record_blocks
 from ._config import ANALYZE_MEASURES, Budget, required_measures
 from ._cost import CostLog
 from ._kfac import KfacAnalysis, kfac_analysis, record_kfac
@@ -80,8 +81,9 @@ def run_analysis(
     budget = budget or Budget(layer_k=k)
     torch.manual_seed(seed)
     blocks = dict(blocks) if blocks else {label: None}
-    spectral = [m for m in run_set if m not in ("kfac", "outliers")]
-    num_stages = len(blocks) * len([m for m in spectral if m != "power_law"]) + (3 if "kfac" in run_set else 0) + 1
+    spectral = [m for m in run_set if m not in ("kfac", "outliers", "blocks")]
+    num_stages = (len(blocks) * len([m for m in spectral if m != "power_law"]) + (3 if "kfac" in run_set else 0)
+                  + ("blocks" in run_set) + 1)
     stages = Stages(num_stages, progress=progress, verbose=verbose, desc="hesslab analyze", translate=translate)
     run = _AnalysisRun(out, stages, label, requested, seed)
     run.summary.update(source=source or {}, measures=requested, measures_run=run_set, k=k,
@@ -118,6 +120,11 @@ def _measure(run: _AnalysisRun, model: nn.Module, loss_fn: Callable[..., torch.T
             loss_type=loss_type if not isinstance(loss_fn, (nn.CrossEntropyLoss, nn.MSELoss)) else None,
             layers=kfac_layers, max_steps=budget.layer_max_steps, cost_log=run.costs, on_layer=run.update_kfac)
         run.update_kfac(ka)
+    if "blocks" in run_set:
+        ba = blocks_analysis(label, model, loss_fn, data, num_steps=budget.blocks_steps,
+                             num_probes=budget.blocks_probes, seed=seed, store=run.store, stages=stages,
+                             cost_log=run.costs, hessian_options=hessian_options)
+        run.update_blocks(ba)
 
 
 class _AnalysisRun:
@@ -132,6 +139,7 @@ class _AnalysisRun:
         self.report_done, self.report_seconds = time.perf_counter(), 0.0
         self.analyses: dict[str, ModelAnalysis] = {}
         self.kfacs: dict[str, KfacAnalysis] = {}
+        self.block_spectra: dict[str, BlocksAnalysis] = {}
         self.summary: dict[str, Any] = {
             **summary_header("analyze", seed), "models": {}, "kfac": {}, "unavailable": {}, "errors": {},
             "derived_errors": {},
@@ -153,6 +161,12 @@ class _AnalysisRun:
         record_kfac(self.summary, ka.label, ka)
         self._rewrite()
 
+    def update_blocks(self, ba: BlocksAnalysis) -> None:
+        """The per-block spectra finished: as :meth:`update`."""
+        self.block_spectra[ba.label] = ba
+        record_blocks(self.summary, ba)
+        self._rewrite()
+
     def _rewrite(self) -> None:
         since = time.perf_counter() - self.report_done
         self.write(final=False, report=since >= max(REWRITE_SECONDS, self.report_seconds))
@@ -166,7 +180,8 @@ class _AnalysisRun:
         headers, rows = summary_rows(self.analyses, {})
         summary["table"] = {"headers": headers, "rows": jsonable(rows)}
         t0 = time.perf_counter()
-        build = (lambda: build_analysis_report(summary, self.analyses, self.kfacs, self.stages)) if report else None
+        build = (lambda: build_analysis_report(summary, self.analyses, self.kfacs, self.stages,
+                                                       self.block_spectra)) if report else None
         written = write_outputs(self.out, summary, build, self.stages, final=final)
         if report:
             self.report_done = time.perf_counter()

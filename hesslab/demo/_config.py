@@ -11,9 +11,10 @@ from hesslab.analysis.pipeline import DEFAULTS, MEASURES
 __all__ = ["MEASURES", "ANALYZE_MEASURES", "REQUIRES", "Budget", "DemoConfig", "required_measures"]
 
 #: What ``hesslab analyze`` offers: the pipeline's measures (:data:`MEASURES`), the
-#: outliers (among the top eigenvalues and in the density) and the Kronecker-factor
-#: comparison; the demo runs them all on every model (kfac on some).
-ANALYZE_MEASURES = MEASURES + ("outliers", "kfac")
+#: outliers (among the top eigenvalues and in the density), the Kronecker-factor
+#: comparison and the per-block spectra; the demo runs them all on every model (kfac on
+#: some, blocks on the transformer).
+ANALYZE_MEASURES = MEASURES + ("outliers", "kfac", "blocks")
 
 #: The measures each measure needs (they are run too when it is asked for).
 REQUIRES: dict[str, tuple[str, ...]] = {
@@ -40,7 +41,8 @@ class Budget:
 
     The defaults are the pipeline's (:data:`hesslab.analysis.pipeline.DEFAULTS`);
     ``layer_k`` and ``layer_max_steps`` bound the Lanczos run on each exact layer block
-    of the Kronecker comparison (None: the solver's own limit).
+    of the Kronecker comparison (None: the solver's own limit); ``blocks_steps`` and
+    ``blocks_probes`` the SLQ of each block of the per-block spectra.
     """
 
     lanczos_tol: float = DEFAULTS["lanczos"]["tol"]
@@ -51,6 +53,8 @@ class Budget:
     trace_matvecs: int = DEFAULTS["trace"]["num_matvecs"]
     layer_k: int = 20
     layer_max_steps: int | None = None
+    blocks_steps: int = 30
+    blocks_probes: int = 4
 
     def pipeline_options(self) -> dict[str, Any]:
         """Keyword arguments for :func:`hesslab.analysis.measure_spectrum` (Hutch++ gets at
@@ -82,6 +86,7 @@ class DemoConfig:
     rank_hidden: tuple[int, ...]
     rank_samples: int
     second_seed_epochs: int
+    transformer_epochs: int
 
     @classmethod
     def make(cls, quick: bool) -> DemoConfig:
@@ -90,15 +95,15 @@ class DemoConfig:
                 quick=True, epochs=6, checkpoint_epochs=(0, 1, 2, 4, 6), hessian_samples=256, k_top=30,
                 k_concentration=10,
                 budget=Budget(lanczos_tol=1e-5, slq_steps=40, slq_probes=4, density_grid=2000, trace_matvecs=30,
-                              layer_k=10),
+                              layer_k=10, blocks_steps=15, blocks_probes=2),
                 kfac_models=("mlp", "mlp_bn"), tracking_models=("mlp", "mlp_bn"), tracking_k=10,
                 tracking_density=(30, 3), tracking_trace=0, rank_hidden=(1, 2, 4, 8, 12), rank_samples=48,
-                second_seed_epochs=6,
+                second_seed_epochs=6, transformer_epochs=5,
             )
         return cls(
             quick=False, epochs=15, checkpoint_epochs=(0, 1, 2, 3, 5, 8, 11, 15), hessian_samples=1024, k_top=60,
             k_concentration=10, budget=Budget(),
             kfac_models=("mlp", "mlp_bn", "cnn"), tracking_models=("mlp", "mlp_bn"), tracking_k=10,
             tracking_density=(50, 6), tracking_trace=30, rank_hidden=(1, 2, 3, 4, 6, 8, 10, 12, 16), rank_samples=64,
-            second_seed_epochs=15,
+            second_seed_epochs=15, transformer_epochs=15,
         )

@@ -6,6 +6,7 @@ from typing import Any, Mapping
 
 from hesslab.report import Report, plots
 
+from ._blocks import blocks_section
 from ._text import fmt, pretty, safe
 from .sections import ghorbani_section, singh_section, wu_section, xie_section
 
@@ -21,7 +22,8 @@ def overview_section(rep: Report, summary: Mapping[str, Any], log: Any = None) -
         intro=("hesslab turns a model, a loss and data into a linear operator over the parameters (the Hessian of "
                "the mean loss) and measures its spectrum with Lanczos (top eigenpairs, with their residuals "
                "‖Hv − λv‖), stochastic Lanczos quadrature (the eigenvalue density) and Hutch++ (the trace). "
-               "The sections below reproduce the central measurements of four papers on small networks trained "
+               "The sections below reproduce the central measurements of five papers on small networks (and a tiny "
+               "transformer) trained "
                "on scikit-learn's bundled 8×8 digits (no download)."),
     )
     training = summary.get("training") or {}
@@ -72,7 +74,7 @@ def _meta(summary: Mapping[str, Any]) -> dict[str, Any]:
 
 def build_demo_report(summary: Mapping[str, Any], analyses: Mapping[str, Any], kfacs: Mapping[str, Any],
                       seeds: Mapping[str, Any], rank: Mapping[str, Any], histories: Mapping[str, Any] | None,
-                      stages: Any = None) -> Report:
+                      stages: Any = None, block_spectra: Mapping[str, Any] | None = None) -> Report:
     log = getattr(stages, "log", None)
     rep = Report("hesslab demo: Hessian spectra of small networks on the digits data",
                  subtitle=("An MLP and a small CNN, each with and without BatchNorm, trained on scikit-learn's 8×8 "
@@ -84,12 +86,35 @@ def build_demo_report(summary: Mapping[str, Any], analyses: Mapping[str, Any], k
     wu_section(rep, kfacs, seeds, summary, log)
     xie_section(rep, analyses, log)
     singh_section(rep, rank, log)
+    if block_spectra:
+        blocks_section(rep, block_spectra, log, intro=_transformer_intro(summary))
     files_section(rep, summary)
     return rep
 
 
+def _transformer_intro(summary: Mapping[str, Any]) -> str:
+    """The demo's per-block section: the transformer and the comparison, from the numbers."""
+    tr = summary.get("transformer") or {}
+    het = {k: v["heterogeneity"] for k, v in (summary.get("block_spectra") or {}).items()}
+    text = ("Zhang et al. (2024) compare the spectra of the Hessian's diagonal blocks: similar across the blocks "
+            "of a CNN or MLP, very different across those of a transformer (block heterogeneity). The demo trains "
+            "a tiny transformer on the digits, each 8×8 image a sequence of its 8 rows (a linear embedding of the "
+            "8 pixels plus a position embedding, one encoder layer of width 16 with 2 heads, mean over the rows, "
+            "a linear head")
+    if tr:
+        text += (f"; {tr['num_params']} parameters, {tr['epochs']} epochs, test accuracy {fmt(tr['test_accuracy'])}")
+    text += "), and measures one SLQ density per block (query, key and value split from the fused projection)."
+    if "transformer" in het and "mlp" in het:
+        more = "more" if het["transformer"] > het["mlp"] else "less"
+        text += (f" Measured: heterogeneity (mean pairwise Jensen–Shannon distance) {het['transformer']:.3f} for "
+                 f"the transformer against {het['mlp']:.3f} for the MLP: the transformer's blocks are {more} "
+                 f"heterogeneous" + (", as Zhang et al. report." if more == "more" else
+                                     ", unlike what Zhang et al. report for larger models."))
+    return text
+
+
 def build_analysis_report(summary: Mapping[str, Any], analyses: Mapping[str, Any], kfacs: Mapping[str, Any],
-                          stages: Any = None) -> Report:
+                          stages: Any = None, block_spectra: Mapping[str, Any] | None = None) -> Report:
     """The report of ``hesslab analyze``: what was measured on this one model, as far as
     the run got (it is rewritten after every measure)."""
     log = getattr(stages, "log", None)
@@ -105,6 +130,8 @@ def build_analysis_report(summary: Mapping[str, Any], analyses: Mapping[str, Any
         wu_section(rep, kfacs, None, summary, log, demo=False)
     if measures & {"top_k", "power_law"} and any("top_k" in a.results for a in analyses.values()):
         xie_section(rep, analyses, log)
+    if "blocks" in measures and block_spectra:
+        blocks_section(rep, block_spectra, log)
     files_section(rep, summary)
     return rep
 

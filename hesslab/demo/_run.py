@@ -12,7 +12,9 @@ from torch import nn
 from hesslab._results import jsonable
 from hesslab.analysis.pipeline import MEASURES, error_text
 
+from ._blocks import BlocksAnalysis, blocks_analysis, record_blocks
 from ._config import DemoConfig
+from ._cost import CostLog
 from ._kfac import KfacAnalysis, kfac_analysis, record_kfac, seed_overlaps
 from ._measure import ModelAnalysis, measure_model, record_model, summary_rows
 from ._output import summary_header, write_outputs
@@ -23,6 +25,8 @@ __all__ = ["run_demo", "LABELS"]
 
 #: The demo's networks: an MLP and a CNN, each without and with BatchNorm.
 LABELS = ("mlp", "mlp_bn", "cnn", "cnn_bn")
+#: The models whose per-block spectra the demo compares: its transformer and the MLP.
+BLOCK_LABELS = ("transformer", "mlp")
 
 
 def run_demo(
@@ -57,7 +61,8 @@ def run_demo(
         kfacs, seeds = run.kronecker(models)
         rank = run.ranks()
         histories = run.tracking(trackers)
-        return run.finish(analyses, kfacs, seeds, rank, histories)
+        blocks = run.block_spectra(models)
+        return run.finish(analyses, kfacs, seeds, rank, histories, blocks)
     finally:
         torch.set_num_threads(before)
 
@@ -73,7 +78,7 @@ class _DemoRun:
         out.mkdir(parents=True, exist_ok=True)
         self.store = ResultStore(out)
         torch.manual_seed(seed)
-        num_stages = 4 + 1 + 4 * 5 + len(cfg.kfac_models) * 5 + 3 + 2 + 2
+        num_stages = 4 + 1 + 4 * 5 + len(cfg.kfac_models) * 5 + 3 + 2 + 2 + 1 + len(BLOCK_LABELS)
         self.stages = Stages(num_stages, progress=progress, verbose=verbose, desc="hesslab demo")
         self.loss_fn = nn.CrossEntropyLoss()
         (Xtr, ytr), (Xte, yte) = zoo.digits(image=False, seed=seed)
@@ -87,7 +92,7 @@ class _DemoRun:
             "data": {"name": "scikit-learn digits (8×8, 10 classes)", "train": int(len(ytr)), "test": int(len(yte)),
                      "hessian_samples": int(n_h)},
             "config": jsonable(dataclasses.asdict(cfg)), "training": {}, "models": {}, "kfac": {}, "tracking": {},
-            "rank": {}, "unavailable": {}, "errors": {}, "files": {},
+            "rank": {}, "unavailable": {}, "errors": {}, "files": {}, "transformer": {}, "block_spectra": {},
         }
         self.stages.log(f"hesslab demo ({'quick' if cfg.quick else 'full'}), seed {seed}, "
                         f"{torch.get_num_threads()} threads, writing to {out}")
@@ -227,9 +232,40 @@ class _DemoRun:
                 self.summary["errors"][f"tracking {label}"] = error_text(exc)
         return histories
 
+    def block_spectra(self, models: dict[str, nn.Module]) -> dict[str, BlocksAnalysis]:
+        """Train the transformer (rows of the digits as a sequence), then the per-block
+        spectra of it and of the MLP (Zhang et al. 2024)."""
+        from hesslab import zoo
+
+        cfg = self.cfg
+        model = zoo.digits_transformer(seed=self.seed)
+        num_params = int(sum(p.numel() for p in model.parameters()))
+        errors: dict[str, str] = {}
+        with self.stages.stage(f"train transformer ({num_params} parameters, {cfg.transformer_epochs} epochs)"), \
+                guard(errors, "train transformer", self.stages):
+            losses = zoo.train(model, self.train_data["mlp"], epochs=cfg.transformer_epochs, seed=self.seed,
+                               loss_fn=self.loss_fn)
+            self.summary["transformer"] = {
+                "num_params": num_params, "epochs": cfg.transformer_epochs, "train_loss": [float(x) for x in losses],
+                "train_accuracy": zoo.accuracy(model, self.train_data["mlp"]),
+                "test_accuracy": zoo.accuracy(model, self.test_data["mlp"])}
+            models = {**models, "transformer": model}
+        self.summary["errors"].update(errors)
+        costs = CostLog(self.stages, self.seed)
+        out: dict[str, BlocksAnalysis] = {}
+        for label in BLOCK_LABELS:
+            if label not in models:
+                continue
+            out[label] = blocks_analysis(label, models[label], self.loss_fn, self.hess_data["mlp"],
+                                         num_steps=cfg.budget.blocks_steps, num_probes=cfg.budget.blocks_probes,
+                                         seed=self.seed, store=self.store, stages=self.stages, cost_log=costs)
+            record_blocks(self.summary, out[label])
+        return out
+
     # -------------------------------------------------------------------- output
     def finish(self, analyses: dict[str, ModelAnalysis], kfacs: dict[str, KfacAnalysis], seeds: dict[str, Any],
-               rank: dict[str, Any], histories: dict[str, Any]) -> dict[str, Any]:
+               rank: dict[str, Any], histories: dict[str, Any],
+               blocks: dict[str, BlocksAnalysis] | None = None) -> dict[str, Any]:
         """The summary's manifest and table, the report and ``summary.json``."""
         from ._report import build_demo_report
 
@@ -240,4 +276,4 @@ class _DemoRun:
         headers, rows = summary_rows(analyses, summary["training"])
         summary["table"] = {"headers": headers, "rows": jsonable(rows)}
         return write_outputs(self.out, summary, lambda: build_demo_report(
-            summary, analyses, kfacs, seeds, rank, histories, self.stages), self.stages)
+            summary, analyses, kfacs, seeds, rank, histories, self.stages, blocks), self.stages)
