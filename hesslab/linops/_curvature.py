@@ -194,7 +194,7 @@ class CurvatureOperator(LinearOperator):
         seed: int = 0,
     ):
         model, params = unwrap_model(model, params)
-        self._check_options(method, batched_columns, reuse_graph, train_mode)
+        _check_options(method, batched_columns, reuse_graph, train_mode)
         md = ModelData(
             model, loss_fn, data, dtype=dtype, train_mode=train_mode, progress=progress,
             batch_size_fn=batch_size_fn, name=type(self).__name__, seed=seed,
@@ -233,23 +233,6 @@ class CurvatureOperator(LinearOperator):
         self._validate_first_batch()
         if check_deterministic:
             md.check_determinism(lambda v: self._product(v, reuse=False), n)
-
-    @staticmethod
-    def _check_options(method: str, batched_columns: Any, reuse_graph: Any, train_mode: bool) -> None:
-        if method not in _METHODS:
-            raise HesslabError(f"method: expected one of {_METHODS}, got {method!r}")
-        if batched_columns not in ("auto", True, False):
-            raise HesslabError(
-                f"batched_columns: expected 'auto', True or False, got {batched_columns!r}"
-            )
-        if method == "func" and train_mode:
-            raise HesslabError(
-                "method: 'func' does not support train_mode=True (BatchNorm's running-statistics "
-                "update breaks torch.func, and second-order forward mode through batch_norm with "
-                "batch statistics is unreliable in torch); use method='autograd' (the default)"
-            )
-        if reuse_graph not in ("auto", True, False):
-            raise HesslabError(f"reuse_graph: expected 'auto', True or False, got {reuse_graph!r}")
 
     # ----------------------------------------------------------------- layout
     @property
@@ -499,6 +482,24 @@ class CurvatureOperator(LinearOperator):
             if not bool(torch.isfinite(g_acc).all()):
                 self._diagnose_nonfinite(None, "gradient")
         return value, g_acc
+
+
+def _check_options(method: str, batched_columns: Any, reuse_graph: Any, train_mode: bool) -> None:
+    """Refuse product options that do not exist or do not go together, naming them."""
+    if method not in _METHODS:
+        raise HesslabError(f"method: expected one of {_METHODS}, got {method!r}")
+    if batched_columns not in ("auto", True, False):
+        raise HesslabError(
+            f"batched_columns: expected 'auto', True or False, got {batched_columns!r}"
+        )
+    if method == "func" and train_mode:
+        raise HesslabError(
+            "method: 'func' does not support train_mode=True (BatchNorm's running-statistics "
+            "update breaks torch.func, and second-order forward mode through batch_norm with "
+            "batch statistics is unreliable in torch); use method='autograd' (the default)"
+        )
+    if reuse_graph not in ("auto", True, False):
+        raise HesslabError(f"reuse_graph: expected 'auto', True or False, got {reuse_graph!r}")
 
 
 def _column_rule(batched_columns: bool | str, device: torch.device) -> str:
