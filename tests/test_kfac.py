@@ -666,3 +666,23 @@ def test_kfac_first_batch_mistakes():
         KFAC(model, CE, (X.half(), y))
     with pytest.raises(HesslabError, match="loss_fn.*differentiabl"):
         KFAC(model, lambda o, t: F.cross_entropy(o.detach(), t), (X, y), loss_type="cross_entropy")
+
+
+def test_topk_returns_a_result_that_unpacks_and_saves(tmp_path):
+    """K.topk gives a result object like every solver (issue 18): named fields, save/load,
+    and it still unpacks as (values, vectors)."""
+    from hesslab.linops import KronEigenpairs
+
+    model = mlp()
+    X, y = classification_data(20)
+    K = KFAC(model, CE, (X, y), dtype=torch.float64)
+    name = K.layer_names[0]
+    res = K.topk(name, 3)
+    assert isinstance(res, KronEigenpairs) and res.layer == name
+    values, vecs = res
+    assert torch.equal(values, res.eigenvalues) and torch.equal(vecs, res.eigenvectors)
+    block = K.block_dense(name)
+    assert torch.allclose(block @ vecs, vecs * values, atol=1e-10)
+    back = KronEigenpairs.load(res.save(tmp_path / "top.npz"))
+    assert back.layer == name
+    np.testing.assert_array_equal(np.asarray(back.eigenvalues), values.numpy())

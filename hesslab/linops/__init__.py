@@ -34,7 +34,7 @@ from hesslab.linops._base import DenseOperator, LinearOperator, SubblockOperator
 from hesslab.linops._data import call_model, input_tensors, is_single_batch, map_inputs
 from hesslab.linops._curvature import CurvatureOperator
 from hesslab.linops._hessian import GGN, Hessian
-from hesslab.linops.kfac import KFAC, KFACFunction, KronFactors, SampleTerms, layer_hessian
+from hesslab.linops.kfac import KFAC, KFACFunction, KronEigenpairs, KronFactors, SampleTerms, layer_hessian
 from hesslab.linops._params import select_parameters
 
 __all__ = [
@@ -49,6 +49,7 @@ __all__ = [
     # Kronecker-factored layer blocks
     "KFAC",
     "KFACFunction",
+    "KronEigenpairs",
     "KronFactors",
     "SampleTerms",
     "layer_hessian",

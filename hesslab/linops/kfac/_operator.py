@@ -9,12 +9,14 @@ math.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from hesslab._results import Result
 from hesslab.errors import HesslabError
 from hesslab.linops._base import ChainOperator, LinearOperator, PermutationOperator
 from hesslab.linops._hessian import Hessian
@@ -26,7 +28,28 @@ from hesslab.linops.kfac._kronecker import KroneckerBlockDiagonal
 from hesslab.linops.kfac._layers import KronLayer, LayerSpec, display, layer_perm, resolve_layers
 from hesslab.linops.kfac._loss import resolve_loss
 
-__all__ = ["KFAC", "KFACFunction", "layer_hessian"]
+__all__ = ["KFAC", "KFACFunction", "KronEigenpairs", "layer_hessian"]
+
+
+@dataclasses.dataclass
+class KronEigenpairs(Result):
+    """The top eigenpairs of one KFAC layer block B ⊗ A, from its factors (:meth:`KFAC.topk`).
+
+    Unpacks as ``values, vectors = K.topk(layer, k)``.
+
+    Attributes:
+        layer: The layer's name.
+        eigenvalues: (k,) descending, products λ_B,i λ_A,j of the factors' eigenvalues.
+        eigenvectors: (n_l, k) orthonormal columns u_B,i ⊗ u_A,j in the layer's flat layout
+            (weight, then bias): the entries ``K.layer_slice(layer)`` of the operator's vectors.
+    """
+
+    layer: str
+    eigenvalues: Tensor
+    eigenvectors: Tensor
+
+    def __iter__(self) -> Iterator[Tensor]:
+        return iter((self.eigenvalues, self.eigenvectors))
 
 _CURVATURES = ("exact", "ggn")
 _APPROX = ("expand", "reduce")
@@ -291,7 +314,7 @@ class KFAC(LinearOperator):
             return per
         return torch.cat(list(per.values())).sort(descending=True).values
 
-    def topk(self, layer: str | nn.Module, k: int) -> tuple[Tensor, Tensor]:
+    def topk(self, layer: str | nn.Module, k: int) -> KronEigenpairs:
         """The k largest eigenpairs of one layer's block B ⊗ A, from the factors (``kron_topk``).
 
         The eigenvector of the pair (i, j) is u_B,i ⊗ u_A,j: reshaped to the augmented
@@ -302,9 +325,10 @@ class KFAC(LinearOperator):
             k: 1 ≤ k ≤ n_l.
 
         Returns:
-            ``(values (k,) descending, vectors (n_l, k))`` with orthonormal columns in the
-            layer's flat layout (weight, then bias), i.e. the entries ``layer_slice(layer)``
-            of the operator's vectors.
+            A :class:`KronEigenpairs` (values (k,) descending, vectors (n_l, k) with
+            orthonormal columns in the layer's flat layout, weight then bias, i.e. the
+            entries ``layer_slice(layer)`` of the operator's vectors); it unpacks as
+            ``values, vectors``.
         """
         l = self._index(layer)
         size = self._layers[l].numel
@@ -313,7 +337,7 @@ class KFAC(LinearOperator):
         values, vecs = self._kron.topk(l, k)  # Kronecker layout
         out = torch.empty_like(vecs)
         out[self._local_perm(l)] = vecs
-        return values, out
+        return KronEigenpairs(layer=self._layers[l].name, eigenvalues=values, eigenvectors=out)
 
     def power(self, p: float, damping: float = 0.0) -> KFACFunction:
         """The operator (B ⊗ A + damping·I)^p per block, through the factors' eigenbases.
