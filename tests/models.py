@@ -20,6 +20,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from hesslab.linops import DenseOperator
+
 __all__ = [
     "mlp",
     "cnn",
@@ -243,3 +245,17 @@ def token_batch(batch: int, length: int, vocab: int = 16, seed: int = 0, ignore:
         flat = labels.view(-1)
         flat[torch.randperm(flat.numel(), generator=gen)[:ignore]] = -100
     return {"input_ids": ids, "labels": labels}
+
+
+class Interrupting(DenseOperator):
+    """A DenseOperator that raises KeyboardInterrupt once it has applied ``after`` columns
+    (a Ctrl-C in the middle of a long run, for the checkpoint/resume tests)."""
+
+    def __init__(self, matrix, after):
+        super().__init__(matrix)
+        self.after = after
+
+    def _matmat(self, V):
+        if self.num_matvecs >= self.after:
+            raise KeyboardInterrupt
+        return super()._matmat(V)

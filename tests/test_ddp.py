@@ -21,19 +21,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hesslab as hl
 from hesslab.linops import Hessian
-from tests.models import classification_data, mlp
-from tests.test_distributed import SHARDS, WORLD, _free_port
+from tests.test_distributed import SHARDS, WORLD, _free_port, _setup
 
 CE = nn.CrossEntropyLoss()
 TOL = 1e-10
-
-
-def _setup() -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
-    model = mlp(hidden=(6, 5), batchnorm=True)
-    X, y = classification_data(20)
-    n = sum(p.numel() for p in model.parameters())
-    V = torch.randn(n, 3, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
-    return model, X, y, V
 
 
 def _results(model: nn.Module, data, V: torch.Tensor) -> dict[str, object]:

@@ -33,6 +33,7 @@ from torch import nn
 
 import hesslab as hl
 from hesslab.linops import DenseOperator
+
 from tests import models
 from tests.test_linops import dense_ggn, dense_hessian
 
@@ -149,17 +150,6 @@ def test_spectrum_tracker_measurement_on_device_matches_cpu(device, tmp_path):
     np.testing.assert_allclose(rec["top_k"]["eigenvalues"], lam[:3], rtol=1e-8)
 
 
-class _Interrupting(DenseOperator):
-    def __init__(self, matrix, after):
-        super().__init__(matrix)
-        self.after = after
-
-    def _matmat(self, V):
-        if self.num_matvecs >= self.after:
-            raise KeyboardInterrupt
-        return super()._matmat(V)
-
-
 @pytest.mark.parametrize("solver", ["lanczos", "slq"])
 def test_checkpoint_resumed_on_device_gives_the_identical_result(device, tmp_path, solver):
     """The determinism promise of hesslab/_ops.py on the device: resumed on the same device
@@ -172,7 +162,7 @@ def test_checkpoint_resumed_on_device_gives_the_identical_result(device, tmp_pat
     full = run(DenseOperator(A))
     path = tmp_path / "state.pt"
     with pytest.raises(KeyboardInterrupt):
-        run(_Interrupting(A, after=31), checkpoint=path, checkpoint_every=1000)
+        run(models.Interrupting(A, after=31), checkpoint=path, checkpoint_every=1000)
     assert path.exists()
     resumed = run(DenseOperator(A), checkpoint=path)
     for key, value in full.to_dict().items():

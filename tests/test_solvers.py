@@ -17,6 +17,7 @@ from hesslab.linops import DenseOperator, Hessian
 from hesslab.solvers import EigenResult, SpectralDensity, TraceEstimate, eigh_exact, lanczos, spectral_density, trace
 from hesslab.solvers import _krylov
 from hesslab.solvers import _lanczos as _lanczos_mod
+
 from tests import models
 
 CE = nn.CrossEntropyLoss()
@@ -220,17 +221,6 @@ def test_eigh_exact_matches_numpy(problem):
     assert e.residuals.max() < 1e-8
 
 
-class _Interrupting(DenseOperator):
-    def __init__(self, matrix, after):
-        super().__init__(matrix)
-        self.after = after
-
-    def _matmat(self, V):
-        if self.num_matvecs >= self.after:
-            raise KeyboardInterrupt
-        return super()._matmat(V)
-
-
 @pytest.mark.parametrize("solver", ["lanczos", "slq", "slq_local"])
 def test_checkpoint_resume_gives_the_identical_result(tmp_path, solver):
     _, H, D = PROBLEMS[2]
@@ -243,7 +233,7 @@ def test_checkpoint_resume_gives_the_identical_result(tmp_path, solver):
     full = run(DenseOperator(A))
     path = tmp_path / "state.pt"
     with pytest.raises(KeyboardInterrupt):
-        run(_Interrupting(A, after=37), checkpoint=path, checkpoint_every=1000)
+        run(models.Interrupting(A, after=37), checkpoint=path, checkpoint_every=1000)
     assert path.exists()
     resumed = run(DenseOperator(A), checkpoint=path)
     again = run(DenseOperator(A), checkpoint=path)  # resuming a finished run changes nothing
