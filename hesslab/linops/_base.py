@@ -40,9 +40,13 @@ class LinearOperator:
         device: The device of products.
         num_matvecs: The number of columns applied so far through :meth:`matmat` and
             ``@`` (a product with a block of b columns counts b).
+        shards: None, or the :class:`hesslab.linops._shards.Shards` of a sharded
+            operator: ``shape`` is then the local (n_r, n_r), vectors are this rank's
+            shards, and solvers all-reduce their inner products through it.
     """
 
-    __array_ufunc__ = None  # numpy scalars and arrays defer to our operators (c * A, A @ x)
+    __array_ufunc__ = None
+    shards = None  # numpy scalars and arrays defer to our operators (c * A, A @ x)
 
     def __init__(self, shape: tuple[int, int], dtype: torch.dtype, device: torch.device | str):
         n, m = (int(s) for s in shape)
@@ -178,6 +182,8 @@ class LinearOperator:
             )
         if other.device != self.device:
             raise HesslabError(f"other: device {other.device} does not match {self.device}")
+        if other.shards != self.shards:
+            raise HesslabError("other: its vectors are sharded differently; combine operators of one sharded model")
 
     def __add__(self, other: Any) -> LinearOperator:
         if isinstance(other, LinearOperator):
@@ -246,6 +252,7 @@ class _SumOperator(LinearOperator):
             else:
                 flat.append((c, op))
         self.terms = flat
+        self.shards = first.shards
 
     def _matmat(self, V: Tensor) -> Tensor:
         out = None
@@ -355,6 +362,7 @@ class ChainOperator(LinearOperator):
             first._check_compatible(op)
         super().__init__(first.shape, first.dtype, first.device)
         self.ops = list(ops)
+        self.shards = first.shards
 
     def _matmat(self, V: Tensor) -> Tensor:
         for op in reversed(self.ops):

@@ -1,0 +1,94 @@
+"""Vectors split over ranks: the layout the vectors of a sharded operator live in.
+
+A sharded operator (a model whose parameters are FSDP2 ``fully_shard`` DTensors) acts on
+the rank's local shard of every vector: its ``shape`` is the local (n_r, n_r), and the
+vector it stands for has n = Σ_r n_r entries. Whatever combines entries across a vector
+(inner products, norms, Gram matrices) is a local partial sum followed by one all-reduce,
+:meth:`Shards.reduce_`; random vectors are drawn on every rank from its own stream
+(:meth:`Shards.seed`), so the shards of a random vector are independent. An operator that
+is not sharded has ``shards = None`` and the solvers skip all of this.
+
+The global vector is the rank-major concatenation of the local shards, permuted by
+``layout`` when the operator's own order is another one (FSDP2: parameter by parameter,
+each parameter's rows split over the ranks): :meth:`Shards.gather` assembles it on one rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from hesslab.errors import HesslabError
+from hesslab.linops._model import all_reduce_sum_, collective_device, distributed_active
+
+__all__ = ["Shards"]
+
+
+@dataclass(frozen=True)
+class Shards:
+    """How the vectors of a sharded operator are split over the ranks of the default group.
+
+    Attributes:
+        rank: This rank.
+        world: The number of ranks.
+        local_sizes: n_r for every rank (the local length of a vector).
+        layout: None when the global vector is the rank-major concatenation of the
+            shards; else, for every entry of that concatenation, its index in the global
+            vector (a permutation of range(n), int64).
+    """
+
+    rank: int
+    world: int
+    local_sizes: tuple[int, ...]
+    layout: Tensor | None = None
+
+    @property
+    def global_size(self) -> int:
+        """n = Σ_r n_r."""
+        return sum(self.local_sizes)
+
+    @classmethod
+    def from_local(cls, local_size: int, layout: Tensor | None = None) -> Shards:
+        """The layout of vectors with ``local_size`` entries on this rank (one all-gather)."""
+        if not distributed_active():
+            raise HesslabError("sharded vectors need torch.distributed: call init_process_group first")
+        world = torch.distributed.get_world_size()
+        sizes = torch.zeros(world, dtype=torch.float64)
+        sizes[torch.distributed.get_rank()] = float(local_size)
+        all_reduce_sum_(sizes)
+        return cls(torch.distributed.get_rank(), world, tuple(int(s) for s in sizes.tolist()), layout)
+
+    def reduce_(self, t: Tensor) -> Tensor:
+        """Sum the local partial sums ``t`` over the ranks, in place; returns ``t``."""
+        return all_reduce_sum_(t)
+
+    def seed(self, seed: int) -> int:
+        """The seed of this rank's stream for a solver seeded with ``seed``."""
+        return (int(seed) * 1_000_003 + self.rank) % (2**63 - 1)
+
+    def gather(self, V: Tensor, dst: int = 0) -> Tensor | None:
+        """The global (n, ...) tensor on rank ``dst`` from every rank's local (n_r, ...) ``V``.
+
+        Every rank must call it (one all-gather); ranks other than ``dst`` get None.
+        Meant for small models: rank ``dst`` holds n × ... entries.
+        """
+        if V.shape[0] != self.local_sizes[self.rank]:
+            raise HesslabError(
+                f"V: expected the local shard with {self.local_sizes[self.rank]} rows, got {tuple(V.shape)}"
+            )
+        dev = collective_device()
+        width = max(self.local_sizes)
+        buf = V.new_zeros((width, *V.shape[1:]), device=dev)
+        buf[: V.shape[0]] = V.to(dev)
+        parts = [torch.empty_like(buf) for _ in range(self.world)]
+        torch.distributed.all_gather(parts, buf)
+        if self.rank != dst:
+            return None
+        flat = torch.cat([p[:s] for p, s in zip(parts, self.local_sizes)]).to(V.device)
+        if self.layout is None:
+            return flat
+        out = torch.empty_like(flat)
+        out[self.layout.to(V.device)] = flat
+        return out
