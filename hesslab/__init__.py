@@ -39,6 +39,7 @@ from .analysis import (
 from .errors import HesslabError
 from .linops import GGN, KFAC, DenseOperator, Hessian, LinearOperator, layer_hessian
 from .solvers import EigenResult, SpectralDensity, TraceEstimate, eigh_exact, lanczos, spectral_density, trace
+from .solvers import gather_shards
 from .tracking import SpectrumTracker, TrackingHistory
 
 __all__ = [
@@ -47,6 +48,7 @@ __all__ = [
     "LinearOperator", "DenseOperator", "Hessian", "GGN", "KFAC", "layer_hessian",
     # solvers
     "lanczos", "eigh_exact", "spectral_density", "trace", "EigenResult", "SpectralDensity", "TraceEstimate",
+    "gather_shards",
     # analyses
     "power_law_fit", "PowerLawFit", "numerical_rank", "RankResult", "linear_network_rank", "LinearRankPrediction",
     "rank_report", "RankReport", "gradient_concentration", "ConcentrationResult", "outliers", "OutlierResult",

@@ -7,7 +7,8 @@ file or pass another path) when it does not match the run that resumes it:
 * a fingerprint of the solver's arguments (size, steps, probes, seed, dtypes,
   reorthogonalization): "written by a run with different arguments";
 * a signature of the operator: its hesslab class, dtype, shape and, where it has them,
-  ``param_names`` / ``param_shapes``: "written for a different operator";
+  ``param_names`` / ``param_shapes`` and the shard layout (world size, every rank's local
+  size, the layout permutation): "written for a different operator";
 * the operator's action on the run's own first start vector q₀: ⟨q₀, A q₀⟩ and ‖A q₀‖,
   recorded at the first step and recomputed with one product on resume, compared to a
   tolerance fitting the operator's dtype (10·√eps relative: 1.5e-7 for float64,
@@ -44,7 +45,7 @@ def fingerprint(config: dict) -> str:
 
 
 def operator_signature(op: LinearOperator) -> str:
-    """A short hash of the operator's type, dtype, shape and parameter layout (when it has one)."""
+    """A short hash of the operator's type, dtype, shape, parameter layout and shard layout (when it has them)."""
     # The hesslab class the operator is (or derives from): a user subclass that only adds
     # logging or interruption keeps its parent's checkpoints.
     cls = next((c for c in type(op).__mro__ if c.__module__.startswith("hesslab.")), type(op))
@@ -54,6 +55,10 @@ def operator_signature(op: LinearOperator) -> str:
     parts = [kind, str(op.dtype), tuple(op.shape),
              None if names is None else tuple(str(x) for x in names),
              None if shapes is None else tuple(tuple(int(d) for d in s) for s in shapes)]
+    shards = op.shards
+    if shards is not None:  # the unsharded signature is unchanged (its old checkpoints stay valid)
+        layout = None if shards.layout is None else hashlib.sha256(shards.layout.cpu().numpy().tobytes()).hexdigest()
+        parts.append(("shards", shards.rank, shards.world, tuple(shards.local_sizes), layout))
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
 
@@ -62,10 +67,14 @@ def identity_tolerance(dtype: torch.dtype) -> float:
     return 10 * math.sqrt(torch.finfo(dtype).eps)
 
 
-def action_summary(q: torch.Tensor, Aq: torch.Tensor) -> tuple[float, float]:
-    """(⟨q, A q⟩, ‖A q‖) in float64: what a checkpoint records of its operator."""
+def action_summary(q: torch.Tensor, Aq: torch.Tensor, shards=None) -> tuple[float, float]:
+    """(⟨q, A q⟩, ‖A q‖) in float64: what a checkpoint records of its operator (of the
+    global vectors when ``shards`` is given: local partial sums and one all-reduce)."""
     q, Aq = q.double().cpu(), Aq.double().cpu()
-    return float(q @ Aq), float(Aq.norm())
+    if shards is None:
+        return float(q @ Aq), float(Aq.norm())
+    sums = shards.reduce_(torch.stack([q @ Aq, Aq @ Aq]))
+    return float(sums[0]), float(sums[1].sqrt())
 
 
 class Checkpoint:
@@ -124,8 +133,8 @@ class Checkpoint:
                 f"seed, dtype or reorthogonalization); {_FIX}"
             )
         if payload["operator"] != self.operator:
-            raise HesslabError(f"checkpoint: {str(p)!r} was written for a different operator (type, dtype, shape or "
-                               f"parameters differ); {_FIX}")
+            raise HesslabError(f"checkpoint: {str(p)!r} was written for a different operator (type, dtype, shape, "
+                               f"parameters or shard layout differ); {_FIX}")
         return payload
 
     def check_identity(self, recorded: tuple[float, float] | None, now: tuple[float, float],

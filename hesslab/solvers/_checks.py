@@ -50,3 +50,8 @@ def check_grid(grid) -> np.ndarray | None:
     require(g.ndim == 1 and g.size >= 2 and bool(np.isfinite(g).all()) and bool(np.all(np.diff(g) > 0)),
             f"grid must be a 1-D array of at least 2 finite, strictly increasing points, got shape {g.shape}")
     return g
+
+
+def global_size(op) -> int:
+    """n: the operator's size, the global one (``shards.global_size``) when it is sharded."""
+    return op.shape[0] if op.shards is None else op.shards.global_size

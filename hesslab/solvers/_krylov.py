@@ -40,6 +40,12 @@ breakdown restart reads the norm of its fresh vector. Reading the flags only eve
 steps would need speculative steps rolled back at a breakdown (their products wasted and
 counted), which the bitwise-resume and product-count guarantees rule out here.
 
+Sharded operators (``op.shards``, issue 14): Q holds this rank's (b, m, n_r) shards of
+the bases, n is the global size ``shards.global_size``, and every inner product the
+driver takes (start norms, the step's Gram–Schmidt passes, restart vectors, the
+checkpoint's ⟨q₀, A q₀⟩) goes through :mod:`._sharded`: two all-reduces per step, and
+one file per rank for checkpoints. With ``shards = None`` nothing of it runs.
+
 Notation: Q (b, m, n) the bases, alphas/betas (b, m) float64 the tridiagonal entries:
 T_i = tridiag(betas[i, :m-1], alphas[i, :m], betas[i, :m-1]).
 """
@@ -61,6 +67,7 @@ from .. import _ops
 from ..errors import HesslabError, require
 from ..linops import LinearOperator
 from ._checks import is_int
+from . import _sharded
 from ._checkpoint import Checkpoint, action_summary, fingerprint, operator_signature
 
 
@@ -153,6 +160,12 @@ class KrylovState:
     identity: tuple[float, float] | None = None  # (⟨q0, A q0⟩, ‖A q0‖) of run 0, for checkpoints
     finished: bool = False
     extra: dict = field(default_factory=dict)  # what the caller's on_finish measured (kept in the checkpoint)
+    shards: object = None  # the operator's Shards when Q holds local shards (then n_r = Q.shape[2])
+
+    @property
+    def size(self) -> int:
+        """n, the global length of a basis vector (Q.shape[2] unless sharded)."""
+        return self.Q.shape[2] if self.shards is None else self.shards.global_size
 
     def row(self, j: int) -> int:
         """Row of Q that holds basis vector j (the last vector of a local window)."""
@@ -198,8 +211,13 @@ def _grow(state: KrylovState, rows: int | None = None, coeffs: int | None = None
 def _fresh_orthogonal(state: KrylovState, i: int, generator: torch.Generator, rows: int) -> bool:
     """Write a random unit vector orthogonal to run i's rows [0, rows) into row ``rows``."""
     n = state.Q.shape[2]
-    if rows >= min(n, state.Q.shape[1]):
+    if rows >= min(state.size, state.Q.shape[1]):
         return False  # no room: the rows already span the whole space, or the capacity is spent
+    if state.shards is not None:
+        q = _sharded.fresh_orthogonal(state.shards, state.Q[i : i + 1], rows, generator)
+        if q is not None:
+            state.Q[i, rows] = q
+        return q is not None
     for _ in range(3):
         v = torch.randn(n, generator=generator, dtype=torch.float64).to(state.Q)
         w = v[None].clone()  # contiguous, and no view of Q (reorthogonalize_ mutates w only)
@@ -254,7 +272,8 @@ def _payload(state: KrylovState) -> dict:
     }
 
 
-def _state_from(payload: dict, rows_cap: int, coeff_cap: int, device: torch.device, local: bool) -> KrylovState:
+def _state_from(payload: dict, rows_cap: int, coeff_cap: int, device: torch.device, local: bool,
+                shards) -> KrylovState:
     j = payload["j"]
     b, rows, n = payload["Q"].shape
     Q = torch.zeros(b, max(rows_cap, rows), n, dtype=payload["Q"].dtype, device=device)
@@ -270,37 +289,38 @@ def _state_from(payload: dict, rows_cap: int, coeff_cap: int, device: torch.devi
                        payload["generator_state"], local, list(payload["cuts"]), list(payload["forced"]),
                        payload["D"].to(device), C,
                        None if identity is None else (float(identity[0]), float(identity[1])),
-                       bool(payload["finished"]), dict(payload.get("extra", {})))
+                       bool(payload["finished"]), dict(payload.get("extra", {})), shards)
 
 
-def _unit_starts(starts: Tensor, basis_dtype: torch.dtype, basis_device: torch.device) -> Tensor:
+def _unit_starts(starts: Tensor, basis_dtype: torch.dtype, basis_device: torch.device, shards) -> Tensor:
     """(b, n) start vectors normalised in float64, in the basis dtype (the rows q_0)."""
     v0 = starts.to(device=basis_device, dtype=torch.float64)
-    norms = v0.norm(dim=1, keepdim=True)
+    norms = v0.norm(dim=1, keepdim=True) if shards is None else _sharded.row_norms(shards, v0)[:, None]
     require(bool((norms > 0).all()), "start vectors must be nonzero")
     return (v0 / norms).to(basis_dtype)
 
 
-def _fresh_state(q0: Tensor, rows_cap: int, coeff_cap: int, generator: torch.Generator, local: bool) -> KrylovState:
+def _fresh_state(q0: Tensor, rows_cap: int, coeff_cap: int, generator: torch.Generator, local: bool,
+                 shards) -> KrylovState:
     b, n = q0.shape
     Q = torch.empty(b, rows_cap, n, dtype=q0.dtype, device=q0.device)  # rows > row(j) + 1 are never read
     Q[:, 0] = q0
     zeros = lambda *shape, dtype=torch.float64: torch.zeros(*shape, dtype=dtype, device=q0.device)  # noqa: E731
     return KrylovState(Q, zeros(b, coeff_cap), zeros(b, coeff_cap), zeros(b, dtype=torch.long),
                        generator_state=generator.get_state(), local=local, D=q0.new_zeros(0, n),
-                       C=zeros(0, coeff_cap))
+                       C=zeros(0, coeff_cap), shards=shards)
 
 
-def _resume_or_start(op: LinearOperator, q0: Tensor, ckpt: Checkpoint | None, rows_cap: int, coeff_cap: int,
-                     generator: torch.Generator, local: bool) -> KrylovState:
-    """The state to continue: the checkpoint's (its operator checked with one product) or a fresh one."""
-    payload = ckpt.read() if ckpt is not None else None
+def _resume_or_start(op: LinearOperator, q0: Tensor, ckpt: Checkpoint | None, payload: dict | None, rows_cap: int,
+                     coeff_cap: int, generator: torch.Generator, local: bool) -> KrylovState:
+    """The state to continue: the checkpoint's ``payload`` (its operator checked with one
+    product) or a fresh one."""
     if payload is None:
-        return _fresh_state(q0, rows_cap, coeff_cap, generator, local)
-    state = _state_from(payload, rows_cap, coeff_cap, q0.device, local)
+        return _fresh_state(q0, rows_cap, coeff_cap, generator, local, op.shards)
+    state = _state_from(payload, rows_cap, coeff_cap, q0.device, local, op.shards)
     if state.j > 0:
         Aq = op.matmat(q0[:1].T.to(device=op.device, dtype=op.dtype))[:, 0]
-        ckpt.check_identity(state.identity, action_summary(q0[0], Aq), op.dtype)
+        ckpt.check_identity(state.identity, action_summary(q0[0], Aq, op.shards), op.dtype)
     generator.set_state(state.generator_state)
     return state
 
@@ -329,14 +349,14 @@ def _product(op: LinearOperator, state: KrylovState, W: Tensor, runs: _Runs) -> 
     V = state.Q[:, r] if all_active else state.Q[idx, r]
     AV = op.matmat(V.T.to(device=op.device, dtype=op.dtype))  # (n, |active|)
     if state.j == 0 and state.identity is None:  # all runs are active at step 0
-        state.identity = action_summary(state.Q[0, 0], AV[:, 0])
+        state.identity = action_summary(state.Q[0, 0], AV[:, 0], state.shards)
     if all_active:
         W.copy_(AV.T)
     else:
         W.zero_()
         W[idx] = AV.T.to(device=W.device, dtype=W.dtype)
     if state.forced:  # run 0's overlaps ⟨q_j, d_f⟩ with the next vectors of chains ended by force
-        state.C[:, state.j] = state.D.double() @ state.Q[0, r].double()
+        state.C[:, state.j] = state.D.double() @ state.Q[0, r].double()  # sharded: partial sums, reduced by _step
 
 
 def _step(state: KrylovState, W: Tensor, runs: _Runs, tol: float) -> Tensor:
@@ -347,7 +367,14 @@ def _step(state: KrylovState, W: Tensor, runs: _Runs, tol: float) -> Tensor:
     beta_prev = state.betas[:, j - 1].clone() if j > 0 else torch.zeros_like(state.betas[:, 0])
     if j in state.cuts:
         beta_prev[0] = 0.0  # a chain's first step: no previous vector
-    alpha, beta, broke = _ops.lanczos_step_(state.Q, W, beta_prev, state.row(j), tol)
+    if state.shards is None:
+        alpha, beta, broke = _ops.lanczos_step_(state.Q, W, beta_prev, state.row(j), tol)
+    else:  # the overlaps ⟨q_j, d_f⟩ ride in the step's first all-reduce
+        overlaps = state.C[:, j].clone() if state.forced else None
+        alpha, beta, broke, overlaps = _sharded.lanczos_step(state.shards, state.Q, W, beta_prev, state.row(j), tol,
+                                                             overlaps)
+        if overlaps is not None:
+            state.C[:, j] = overlaps
     # A NaN/Inf entry of A q_j makes alpha or beta non-finite.
     bad = ((~torch.isfinite(alpha) | ~torch.isfinite(beta)) & runs.dev).any()
     flags = torch.cat([bad[None], broke.to(torch.bool)]).cpu()
@@ -444,7 +471,8 @@ def run_krylov(
 
     Args:
         op: the operator; products are taken in its dtype on its device.
-        starts: (b, n) start vectors (normalised here).
+        starts: (b, n) start vectors (normalised here); for a sharded operator this
+            rank's (b, n_r) shards.
         max_steps: the most rows of T per run (≤ n).
         on_breakdown: "stop" (freeze that run: its T is complete) or "restart" (continue
             with a fresh orthogonal vector and a zero off-diagonal; "full" only).
@@ -459,20 +487,26 @@ def run_krylov(
             file, so that resuming a finished run finds them there (the eigensolver keeps
             its residual norms, which then cost no products on resume).
     """
-    b, n = starts.shape
+    b, n = starts.shape  # n: the local n_r of a sharded operator
+    shards = op.shards
     _check_options(on_breakdown, reorthogonalize, checkpoint_every, check_every)
     local = reorthogonalize == "local"
     coeff_cap = max_steps if local else min(max_steps, initial_capacity or max_steps)
     rows_cap = 3 if local else coeff_cap
     check_basis_memory(b, rows_cap, n, basis_dtype, basis_device)
-    ckpt = None
+    ckpt = payload = None
     if checkpoint is not None:
-        ckpt = Checkpoint(checkpoint, fingerprint({**(config or {}), "n": n, "b": b, "max_steps": max_steps,
-                                                   "basis_dtype": str(basis_dtype), "op_dtype": str(op.dtype),
-                                                   **({"reorthogonalize": reorthogonalize} if local else {})}),
-                          operator_signature(op))
-    q0 = _unit_starts(starts, basis_dtype, basis_device)
-    state = _resume_or_start(op, q0, ckpt, rows_cap, coeff_cap, generator, local)
+        fp = fingerprint({**(config or {}), "n": n, "b": b, "max_steps": max_steps, "basis_dtype": str(basis_dtype),
+                          "op_dtype": str(op.dtype), **({"reorthogonalize": reorthogonalize} if local else {}),
+                          **({"global_n": shards.global_size} if shards is not None else {})})
+        if shards is None:
+            ckpt = Checkpoint(checkpoint, fp, operator_signature(op))
+        else:
+            ckpt, payload = _sharded.open_checkpoint(checkpoint, fp, operator_signature(op), shards)
+    q0 = _unit_starts(starts, basis_dtype, basis_device, shards)
+    if ckpt is not None and shards is None:
+        payload = ckpt.read()
+    state = _resume_or_start(op, q0, ckpt, payload, rows_cap, coeff_cap, generator, local)
     if not state.finished:
         _iterate(op, state, ckpt, max_steps, on_breakdown=on_breakdown, generator=generator, tol=breakdown_tol,
                  stop=stop, check_every=check_every, progress=progress, desc=desc, checkpoint_every=checkpoint_every)
@@ -492,11 +526,12 @@ def _iterate(op: LinearOperator, state: KrylovState, ckpt: Checkpoint | None, ma
     """The step loop of :func:`run_krylov`, checkpointing as it goes and when interrupted."""
     from tqdm.auto import tqdm
 
-    b, _, n = state.Q.shape
+    b, _, n_local = state.Q.shape
+    n = state.size
     bar = tqdm(total=max_steps, initial=state.j, desc=desc, unit="step", disable=not progress_enabled(progress),
                leave=False)
     runs = _Runs(state.steps == state.j, state.Q.device)  # runs that have not stopped
-    W = torch.empty(b, n, dtype=state.Q.dtype, device=state.Q.device)  # A q_j, then the residual
+    W = torch.empty(b, n_local, dtype=state.Q.dtype, device=state.Q.device)  # A q_j, then the residual
     try:
         while state.j < max_steps and bool(runs.host.any()):
             # The stop check runs at the top of a step so that a resumed run sees the same

@@ -13,9 +13,10 @@ from torch import Tensor
 from .._results import Result
 from ..errors import HesslabError, require
 from ..linops import LinearOperator
-from ._checks import check_basis_dtype, check_int, check_real, is_int
+from ._checks import check_basis_dtype, check_int, check_real, global_size, is_int
 from ._krylov import KrylovState, breakdown_tol, run_krylov
 from ._ritz import assess, ritz_pairs, select
+from ._sharded import require_all, row_norms
 
 WHICH = ("LA", "SA", "LM")
 
@@ -27,7 +28,8 @@ class EigenResult(Result):
     Attributes:
         eigenvalues: (k,) float64, in the order asked for: descending for "LA" and "LM"
             (by magnitude), ascending for "SA".
-        eigenvectors: (n, k) float64, orthonormal columns (Ritz vectors), or None.
+        eigenvectors: (n, k) float64, orthonormal columns (Ritz vectors), or None; for a
+            sharded operator this rank's (n_r, k) rows (``hl.gather_shards`` assembles them).
         residuals: (k,) ‖A v − λ v‖ measured with one extra product per vector (NaN when
             not measured).
         converged: (k,) bool: the run certified the wanted set (no copy or larger value
@@ -65,7 +67,7 @@ def default_tol(dtype: torch.dtype) -> float:
 
 
 def _check_arguments(op: LinearOperator, k, which: str, tol, max_steps, check_every, seed, basis_dtype) -> None:
-    n = op.shape[0]
+    n = global_size(op)
     require(which in WHICH, f"which must be one of {WHICH}, got {which!r}")
     check_int("k", k, 1, n - 1, hint=f" (n = {n}; for all eigenvalues use hl.eigh_exact)")
     if max_steps is not None:
@@ -77,18 +79,30 @@ def _check_arguments(op: LinearOperator, k, which: str, tol, max_steps, check_ev
     check_basis_dtype(basis_dtype)
 
 
-def _start_vector(n: int, v0, gen: torch.Generator) -> Tensor:
-    """(1, n) float64: a seeded Gaussian, or the warm start plus a 1e-3 random perturbation."""
+def _start_vector(op: LinearOperator, v0, gen: torch.Generator) -> Tensor:
+    """(1, n) float64: a seeded Gaussian, or the warm start plus a 1e-3 random perturbation
+    (sharded: this rank's (1, n_r) shard; the checks and norms are global)."""
+    n, shards = op.shape[0], op.shards
     start = torch.randn(1, n, generator=gen, dtype=torch.float64)
     if v0 is None:
         return start
     v = torch.as_tensor(v0).detach().to("cpu", torch.float64)
     v = v[:, None] if v.dim() == 1 else v
-    require(v.dim() == 2 and v.shape[0] == n, f"v0 must have shape (n,) or (n, j) with n = {n}, got {tuple(v.shape)}")
-    require(bool(torch.isfinite(v).all()), "v0 must be finite")
-    warm = v.sum(1)
-    require(bool(warm.norm() > 0), "v0 must not sum to zero")
-    return warm[None] / warm.norm() + 1e-3 * start / start.norm()
+    if shards is None:
+        require(v.dim() == 2 and v.shape[0] == n,
+                f"v0 must have shape (n,) or (n, j) with n = {n}, got {tuple(v.shape)}")
+        require(bool(torch.isfinite(v).all()), "v0 must be finite")
+        warm = v.sum(1)
+        require(bool(warm.norm() > 0), "v0 must not sum to zero")
+        return warm[None] / warm.norm() + 1e-3 * start / start.norm()
+    shape_ok = v.dim() == 2 and v.shape[0] == n
+    require_all(shards, shape_ok, "v0 must be this rank's shard of the start vector(s), shape (n_r,) or (n_r, j) "
+                "with n_r the operator's local size op.shape[0]")
+    require_all(shards, bool(torch.isfinite(v).all()), "v0 must be finite")
+    warm = v.sum(1)[None]
+    norms = row_norms(shards, torch.cat([warm, start]))
+    require(bool(norms[0] > 0), "v0 must not sum to zero")  # a global value: every rank agrees
+    return warm / norms[0] + 1e-3 * start / norms[1]
 
 
 def lanczos(
@@ -128,6 +142,16 @@ def lanczos(
     the tolerance: the residual measured with one block product of the k Ritz vectors
     (``compute_residuals``), else the one from the recurrence.
 
+    **Sharded operators** (``op.shards`` set, e.g. an FSDP2 Hessian under torchrun):
+    every rank calls ``lanczos`` with the same arguments; the basis holds this rank's
+    shards (memory b·m·n_r per rank), every inner product is all-reduced (two
+    all-reduces per step, see :mod:`hesslab.solvers._sharded`), and the eigenvalues,
+    residuals and flags are identical on every rank. ``v0`` is this rank's (n_r,) or
+    (n_r, j) shard, the returned eigenvectors are this rank's (n_r, k) rows:
+    ``hl.gather_shards(op, result.eigenvectors, dst=0)`` assembles the (n, k) matrix on
+    rank 0 (small models). A checkpoint is one file per rank, ``<checkpoint>.rank<r>of<w>``;
+    the ranks resume together, and only with the same world size and local sizes.
+
     Args:
         op: symmetric (n, n) operator, e.g. ``hl.Hessian``.
         k: number of eigenpairs, 1 ≤ k < n (use :func:`eigh_exact` for all of them).
@@ -164,13 +188,13 @@ def lanczos(
     """
     tol = default_tol(op.dtype) if tol is None else tol
     _check_arguments(op, k, which, tol, max_steps, check_every, seed, basis_dtype)
-    n = op.shape[0]
+    n = global_size(op)
     max_steps = min(n, max(300, 40 * k)) if max_steps is None else max_steps
     basis_dtype = basis_dtype or op.dtype
     basis_device = torch.device(basis_device) if basis_device is not None else op.device
     check_every = check_every or 1
-    gen = torch.Generator().manual_seed(seed)
-    start = _start_vector(n, v0, gen)
+    gen = torch.Generator().manual_seed(seed if op.shards is None else op.shards.seed(seed))
+    start = _start_vector(op, v0, gen)
 
     def decide(state: KrylovState) -> str:
         room = min(n, max_steps) - state.j
@@ -202,7 +226,10 @@ def _wanted_vectors(state: KrylovState, pairs, sel) -> Tensor:
 def _residual_norms(op: LinearOperator, vectors: Tensor, theta: np.ndarray) -> Tensor:
     """‖A v − θ v‖ of each Ritz pair: one block product of all k Ritz vectors."""
     AV = op.matmat(vectors.to(device=op.device, dtype=op.dtype)).double().cpu()
-    return (AV - vectors * torch.from_numpy(theta)).norm(dim=0)
+    R = AV - vectors * torch.from_numpy(theta)
+    if op.shards is None:
+        return R.norm(dim=0)
+    return op.shards.reduce_(R.pow(2).sum(0)).sqrt()
 
 
 def _finished_residuals(op: LinearOperator, k: int, which: str) -> Callable[[KrylovState], dict]:
@@ -271,6 +298,8 @@ def eigh_exact(op: LinearOperator, max_size: int = 4096, return_eigenvectors: bo
     Returns:
         EigenResult with the n eigenvalues in descending order ("which" = "all").
     """
+    require(op.shards is None, "eigh_exact: the operator is sharded over ranks; use hl.lanczos (or gather the "
+            "dense matrix yourself on one rank)")
     require(op.shape[0] <= max_size,
             f"eigh_exact: n = {op.shape[0]} exceeds max_size = {max_size}; raise max_size if memory allows "
             "(n^2 float64), or use hl.lanczos / hl.spectral_density")

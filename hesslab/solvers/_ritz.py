@@ -104,7 +104,8 @@ def _residuals(state: KrylovState, m: int, S: np.ndarray, betas: np.ndarray) -> 
     r = state.row(m)
     nxt = state.Q[0, r].double() if r < state.Q.shape[1] else torch.zeros_like(D[0])
     Dall = torch.cat([D, nxt[None]])
-    gram = (Dall @ Dall.T).cpu().numpy()
+    gram = Dall @ Dall.T  # sharded: local partial sums, all-reduced
+    gram = (gram if state.shards is None else state.shards.reduce_(gram)).cpu().numpy()
     C = state.C[:F, :m].cpu().numpy()  # next vector: orthogonal to the basis
     proj = np.zeros((F + 1, F + 1))
     proj[:F, :F] = C @ C.T
@@ -157,7 +158,7 @@ def assess(state: KrylovState, k: int, which: str, tol: float, room: int, verify
     thr = tol * max(float(np.abs(p.theta).max()), 1e-300)
     if np.any(p.est[sel] > thr):
         return "continue"
-    n = state.Q.shape[2]
+    n = state.size
     if m >= n:
         return "stop"  # the basis spans the whole space: every Ritz pair is exact
     own_theta, own_est = p.newest

@@ -21,7 +21,7 @@ from .._plotting import axes
 from .._results import Result
 from ..errors import require
 from ..linops import LinearOperator
-from ._checks import check_basis_dtype, check_grid, check_int, check_real, is_int
+from ._checks import check_basis_dtype, check_grid, check_int, check_real, global_size, is_int
 from ._krylov import breakdown_tol, run_krylov
 
 
@@ -200,6 +200,11 @@ def spectral_density(
     max(1, spectrum width), a 10,000-point grid padded by 0.01); ``preset="ghorbani"`` also
     pins num_steps = 90 if it was left at its default, and always uses float64 bases.
 
+    A sharded operator (``op.shards``): every rank calls it with the same arguments, the
+    probes' shards are drawn from each rank's own stream (``shards.seed(seed)``), the
+    basis holds the local (num_probes, num_steps, n_r) shards, and nodes, weights and the
+    density are identical on every rank (see :func:`hesslab.lanczos` for checkpoints).
+
     Args:
         op: symmetric (n, n) operator.
         num_steps: Lanczos steps per probe (quadrature degree 2·num_steps − 1), ≤ n.
@@ -223,7 +228,7 @@ def spectral_density(
     Returns:
         SpectralDensity.
     """
-    n = op.shape[0]
+    n = global_size(op)
     if preset is not None:
         require(preset == "ghorbani", f"preset must be None or 'ghorbani', got {preset!r}")
         sigma2, grid_size, basis_dtype = 1e-5, 10000, torch.float64
@@ -236,8 +241,8 @@ def spectral_density(
     check_basis_dtype(basis_dtype)
     basis_dtype = basis_dtype or op.dtype
     basis_device = torch.device(basis_device) if basis_device is not None else op.device
-    gen = torch.Generator().manual_seed(seed)
-    starts = torch.randn(num_probes, n, generator=gen, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(seed if op.shards is None else op.shards.seed(seed))
+    starts = torch.randn(num_probes, op.shape[0], generator=gen, dtype=torch.float64)
     before = op.num_matvecs
     state = run_krylov(
         op, starts, num_steps, basis_dtype=basis_dtype, basis_device=basis_device, on_breakdown="stop",

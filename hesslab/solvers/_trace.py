@@ -11,8 +11,9 @@ from torch import Tensor
 from .._results import Result
 from ..errors import require
 from ..linops import LinearOperator
-from ._checks import check_int, is_int
+from ._checks import check_int, global_size, is_int
 from ._krylov import close_bar, progress_enabled
+from ._sharded import cholesky_qr2, column_sums
 
 METHODS = ("hutchinson", "hutch++")
 
@@ -54,7 +55,8 @@ def _quad_forms(op: LinearOperator, draw, count: int, batch_size: int, bar) -> T
     out = []
     for s in range(0, count, batch_size):
         Z = draw(min(batch_size, count - s))
-        out.append((Z * op.matmat(Z)).sum(0, dtype=torch.float64))
+        forms = Z * op.matmat(Z)
+        out.append(forms.sum(0, dtype=torch.float64) if op.shards is None else column_sums(op.shards, forms))
         bar.update(Z.shape[1])
     return torch.cat(out)
 
@@ -83,6 +85,13 @@ def trace(
         seed: seed of the random vectors.
         batch_size: columns per product call (one pass over the data each).
         progress: progress bar; None shows it when stderr is a terminal.
+
+    A sharded operator (``op.shards``): every rank calls it with the same arguments, the
+    random vectors' shards come from each rank's own stream, quadratic forms and the
+    projection coefficients are all-reduced, Hutch++ orthonormalizes its sketch by
+    CholeskyQR with all-reduced Gram matrices (:func:`._sharded.cholesky_qr2`, which drops
+    the null directions of a rank-deficient sketch), and the estimate and its standard
+    error are identical on every rank.
     """
     require(method in METHODS, f"method must be one of {METHODS}, got {method!r}")
     minimum = 2 if method == "hutchinson" else 3
@@ -91,29 +100,31 @@ def trace(
     require(is_int(seed), f"seed must be an integer, got {seed!r}")
     from tqdm.auto import tqdm
 
-    n = op.shape[0]
-    gen = torch.Generator().manual_seed(seed)
+    n, shards = op.shape[0], op.shards  # n: the local n_r of a sharded operator
+    gen = torch.Generator().manual_seed(seed if shards is None else shards.seed(seed))
     bar = tqdm(total=num_matvecs, desc=f"trace ({method})", unit="matvec", disable=not progress_enabled(progress),
                leave=False)
     try:
         if method == "hutchinson":
             q = _quad_forms(op, lambda k: _rademacher(n, k, gen, op), num_matvecs, batch_size, bar)
             return TraceEstimate(float(q.mean()), float(q.std() / math.sqrt(num_matvecs)), num_matvecs, method)
-        k = min(num_matvecs // 3, n)
+        k = min(num_matvecs // 3, global_size(op))
         m_rest = num_matvecs - 2 * k
-        Q, _ = torch.linalg.qr(_apply(op, _rademacher(n, k, gen, op), batch_size, bar).double())  # (n, k)
+        sketch = _apply(op, _rademacher(n, k, gen, op), batch_size, bar).double()
+        Q = torch.linalg.qr(sketch)[0] if shards is None else cholesky_qr2(shards, sketch)  # (n, k') orthonormal
         AQ = _apply(op, Q.to(op.dtype), batch_size, bar).double()
-        exact = float((Q * AQ).sum())
+        exact = float((Q * AQ).sum()) if shards is None else float(column_sums(shards, Q * AQ).sum())
         Qo = Q.to(op.dtype)
 
         def projected(k: int) -> Tensor:  # (I − QQᵀ) G for a block of Rademacher G
             G = _rademacher(n, k, gen, op)
-            return G - Qo @ (Qo.T @ G)
+            coeffs = Qo.T @ G if shards is None else shards.reduce_(Qo.T @ G)
+            return G - Qo @ coeffs
 
         q = _quad_forms(op, projected, m_rest, batch_size, bar)
         # The projected quadratic forms: (PG)ᵀ A (PG) with P = I − QQᵀ.
         value = exact + float(q.mean())
         err = float(q.std() / math.sqrt(m_rest)) if m_rest > 1 else float("nan")
-        return TraceEstimate(value, err, 2 * k + m_rest, method)
+        return TraceEstimate(value, err, k + Q.shape[1] + m_rest, method)
     finally:
         close_bar(bar)
