@@ -496,9 +496,10 @@ def run_krylov(
     check_basis_memory(b, rows_cap, n, basis_dtype, basis_device)
     ckpt = payload = None
     if checkpoint is not None:
-        fp = fingerprint({**(config or {}), "n": n, "b": b, "max_steps": max_steps, "basis_dtype": str(basis_dtype),
-                          "op_dtype": str(op.dtype), **({"reorthogonalize": reorthogonalize} if local else {}),
-                          **({"global_n": shards.global_size} if shards is not None else {})})
+        # sharded: the global n here; the local sizes are part of the operator signature
+        fp = fingerprint({**(config or {}), "n": n if shards is None else shards.global_size, "b": b,
+                          "max_steps": max_steps, "basis_dtype": str(basis_dtype), "op_dtype": str(op.dtype),
+                          **({"reorthogonalize": reorthogonalize} if local else {})})
         if shards is None:
             ckpt = Checkpoint(checkpoint, fp, operator_signature(op))
         else:
