@@ -6,6 +6,11 @@ chosen eigenvalues, one of them double) whose rows are split unevenly over the r
 rank's rows. Every rank's results are saved and compared here against numpy's eigh of A
 and the exact traces/moments, and against each other with torch.equal: eigenvalues,
 densities and traces must be bitwise identical on every rank.
+
+In-process tests check the sharded vector work itself on one rank (``Shards(0, 1, (n,))``,
+whose all-reduce is the identity): the two-all-reduce Lanczos step against
+``hesslab.reference.lanczos_step`` (float64 accumulation), CholeskyQR2 on rank-deficient
+sketches, and the solvers end to end against numpy.
 """
 
 from __future__ import annotations
@@ -20,10 +25,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 import hesslab as hl
+from hesslab import reference
 from hesslab.errors import HesslabError
-from hesslab.linops import LinearOperator
+from hesslab.linops import DenseOperator, LinearOperator
 from hesslab.linops._shards import Shards
+from hesslab.solvers import _sharded
 from tests.test_distributed import _free_port
 
 N = 23
@@ -241,3 +251,116 @@ def _missing_worker(rank: int, world: int, port: int, out: str) -> None:
                                                                                             checkpoint=path))))
     finally:
         dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------- in process, one rank
+
+def _one_rank(n: int) -> Shards:
+    return Shards(0, 1, (n,))
+
+
+def _basis(b: int, m: int, n: int, j: int, dtype: torch.dtype, seed: int = 0):
+    """(Q with rows 0..j orthonormal from reference steps, a fresh A q_j, beta_prev)."""
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(n, n, generator=g, dtype=torch.float64)
+    A = (A + A.T) / 2
+    Q = torch.zeros(b, m, n, dtype=dtype)
+    q0 = torch.randn(b, n, generator=g, dtype=torch.float64)
+    Q[:, 0] = (q0 / q0.norm(dim=1, keepdim=True)).to(dtype)
+    beta = torch.zeros(b, dtype=torch.float64)
+    for i in range(j):
+        w = (Q[:, i].double() @ A).to(dtype)
+        _, beta, _ = reference.lanczos_step(Q, w, beta, i, 1e-10, accumulate=torch.float64)
+    return Q, (Q[:, j].double() @ A).to(dtype), beta
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("j", [0, 1, 5])
+def test_the_sharded_step_matches_the_reference_step(dtype, j):
+    Q, w, beta_prev = _basis(3, 8, 40, j, dtype)
+    Q2, w2 = Q.clone(), w.clone()
+    a_ref, b_ref, br_ref = reference.lanczos_step(Q, w, beta_prev, j, 1e-10, accumulate=torch.float64)
+    extra = torch.arange(4, dtype=torch.float64).reshape(2, 2)
+    alpha, beta, broke, out = _sharded.lanczos_step(_one_rank(40), Q2, w2, beta_prev, j, 1e-10, extra)
+    rtol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(alpha, a_ref, rtol=rtol, atol=rtol * float(b_ref.max()))
+    torch.testing.assert_close(beta, b_ref, rtol=rtol, atol=0)
+    assert torch.equal(broke, br_ref) and not bool(broke.any())
+    torch.testing.assert_close(Q2[:, j + 1], Q[:, j + 1], rtol=0, atol=10 * torch.finfo(dtype).eps)
+    assert torch.equal(out, extra)  # reduced with pass 1 (the identity on one rank)
+    G = Q2[:, : j + 2].double() @ Q2[:, : j + 2].double().transpose(1, 2)
+    assert float((G - torch.eye(j + 2)).abs().max()) < 100 * torch.finfo(dtype).eps
+
+
+def test_the_sharded_step_breaks_down_on_an_invariant_space_and_keeps_nan():
+    Q, _, beta_prev = _basis(3, 6, 30, 2, torch.float64)
+    w = torch.stack([2 * Q[0, 1] - Q[0, 0], torch.zeros(30, dtype=torch.float64), Q[2, 2]])  # in span / zero / in span
+    _, beta, broke, _ = _sharded.lanczos_step(_one_rank(30), Q, w.clone(), beta_prev, 2, 1e-10)
+    assert bool(broke.all()) and bool((beta < 1e-13).all()) and torch.equal(Q[:, 3], torch.zeros(3, 30, dtype=torch.float64))
+    Q, w, beta_prev = _basis(2, 6, 30, 2, torch.float64)
+    w[1, 4] = float("nan")
+    alpha, beta, broke, _ = _sharded.lanczos_step(_one_rank(30), Q, w, beta_prev, 2, 1e-10)
+    assert bool(beta[1].isnan()) and bool(alpha[1].isnan()) and not bool(broke[0])
+    assert torch.equal(Q[1, 3], torch.zeros(30, dtype=torch.float64)) and bool(torch.isfinite(Q[0, 3]).all())
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(2, 40), k=st.integers(1, 12), rank=st.integers(0, 12), seed=st.integers(0, 2**20))
+def test_cholesky_qr2_gives_an_orthonormal_basis_of_the_range(n, k, rank, seed):
+    k, rank = min(k, n), min(rank, k, n)
+    g = torch.Generator().manual_seed(seed)
+    Y = torch.randn(n, rank, generator=g, dtype=torch.float64) @ torch.randn(rank, k, generator=g, dtype=torch.float64)
+    if rank == 0:
+        Y = torch.randn(n, k, generator=g, dtype=torch.float64)  # full rank instead of the zero matrix
+        rank = k
+    Q = _sharded.cholesky_qr2(_one_rank(n), Y)
+    assert Q.shape == (n, rank)
+    assert float((Q.T @ Q - torch.eye(rank)).abs().max()) < 1e-13
+    assert float((Y - Q @ (Q.T @ Y)).abs().max()) < 1e-10 * max(1.0, float(Y.abs().max()))  # Y lies in range(Q)
+
+
+class _OneRankDense(DenseOperator):
+    """A dense operator that calls itself sharded over one rank: the solvers' sharded paths in process."""
+
+    def __init__(self, matrix: torch.Tensor):
+        super().__init__(matrix)
+        self.shards = _one_rank(matrix.shape[0])
+
+
+def test_the_sharded_paths_on_one_rank_match_numpy(tmp_path):
+    A = _matrix()
+    op = _OneRankDense(A)
+    lam = np.linalg.eigvalsh(A.numpy())[::-1]
+    res = hl.lanczos(op, k=K, seed=1, checkpoint=tmp_path / "c")
+    np.testing.assert_allclose(res.eigenvalues.numpy(), lam[:K], atol=1e-10)
+    assert bool(res.converged.all()) and (tmp_path / "c.rank0of1").exists()
+    v0 = hl.lanczos(op, k=K, seed=1, v0=res.eigenvectors)  # a warm start: the local shards are the vectors
+    np.testing.assert_allclose(v0.eigenvalues.numpy(), lam[:K], atol=1e-10)
+    assert torch.equal(hl.gather_shards(op, res.eigenvectors), res.eigenvectors)
+    t = hl.trace(op, 3 * N, method="hutch++")
+    assert abs(t.value - float(EIGS.sum())) < 1e-9
+    with pytest.raises(HesslabError, match="v0 must be this rank's shard"):
+        hl.lanczos(op, k=K, v0=torch.ones(N + 1, dtype=torch.float64))
+    with pytest.raises(HesslabError, match="eigh_exact: the operator is sharded"):
+        hl.eigh_exact(op)
+
+
+@pytest.mark.parametrize("reorthogonalize", ["full", "local"])
+def test_one_rank_sharded_runs_agree_with_the_compiled_path_to_rounding(reorthogonalize):
+    """Shards(0, 1).seed(s) is s·1000003: the unsharded run with that seed draws the same
+    vectors, so the torch-op sharded step and the compiled lanczos_step_ must agree to rounding."""
+    A = _matrix()
+    seed = 3
+    plain, sharded = DenseOperator(A), _OneRankDense(A)
+    assert sharded.shards.seed(seed) == seed * 1_000_003
+    a = hl.spectral_density(plain, 8, 3, seed=seed * 1_000_003, reorthogonalize=reorthogonalize)
+    b = hl.spectral_density(sharded, 8, 3, seed=seed, reorthogonalize=reorthogonalize)
+    np.testing.assert_allclose(b.nodes, a.nodes, atol=1e-10)
+    np.testing.assert_allclose(b.weights, a.weights, atol=1e-10)
+    for method in ("hutchinson", "hutch++"):
+        ta, tb = hl.trace(plain, 30, method, seed=seed * 1_000_003), hl.trace(sharded, 30, method, seed=seed)
+        assert abs(ta.value - tb.value) < 1e-10 and abs(ta.std_error - tb.std_error) < 1e-10, method
+    if reorthogonalize == "full":
+        la, lb = hl.lanczos(plain, K, seed=seed * 1_000_003), hl.lanczos(sharded, K, seed=seed)
+        np.testing.assert_allclose(lb.eigenvalues.numpy(), la.eigenvalues.numpy(), atol=1e-11)
+        assert lb.num_steps == la.num_steps and lb.restarts == la.restarts

@@ -45,6 +45,7 @@ from torch import Tensor
 
 from ..errors import HesslabError
 from ..linops import LinearOperator
+from ..linops._model import distributed_active
 from ._checkpoint import Checkpoint
 
 #: Bytes of float64 copy a dot or an update of a non-float64 basis may take at a time.
@@ -216,8 +217,9 @@ def open_checkpoint(path: str | os.PathLike, fingerprint: str, signature: str,
             status = ("ok", int(payload["j"]), bool(payload["finished"]), "")
     except HesslabError as err:
         status = ("error", -1, False, str(err))
-    everyone: list = [None] * shards.world
-    torch.distributed.all_gather_object(everyone, status)
+    everyone: list = [status] * shards.world
+    if distributed_active():
+        torch.distributed.all_gather_object(everyone, status)
     errors = [(r, s[3]) for r, s in enumerate(everyone) if s[0] == "error"]
     if errors:
         r, message = errors[0]
