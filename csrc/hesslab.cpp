@@ -40,6 +40,12 @@ TORCH_LIBRARY(hesslab, m) {
   // The same plan against Q[:, :j] (w mutated: contiguous, not sharing memory with Q);
   // returns the applied coefficients d (+ c) as (b, j) float64.
   m.def("reorthogonalize_(Tensor Q, Tensor(a!) w, int j) -> Tensor");
+  // One sweep of the plan over rows R = q_0..q_{rows-1}, for callers that combine the
+  // partial sums of several processes between sweeps (the sharded Lanczos step): where
+  // coef (b, rows) float64 is given, w -= Q_R^T coef (float64 sums, w rounded once); then
+  // out[:, :rows] = Q_R w when dots, and out[:, -1] = ||w||^2, as (b, rows + 1) or (b, 1)
+  // float64. w mutated: contiguous, not sharing memory with Q or coef.
+  m.def("gs_sweep_(Tensor Q, Tensor(a!) w, Tensor? coef, int rows, bool dots) -> Tensor");
   // Block-diagonal Kronecker product: out_l = vec(B_l V_l A_l^T) for every layer l.
   // allow_tf32 (trailing, default off: calls without it keep their meaning): float32 GEMMs
   // on CUDA may round their inputs to TF32 (cuBLAS path only); ignored for float64 and on

@@ -59,7 +59,7 @@ except ImportError as exc:  # pragma: no cover - exercised only on unbuilt trees
     HAVE_EXTENSION = False
     _IMPORT_ERROR = str(exc)
 
-OP_NAMES = ("lanczos_step_", "reorthogonalize_", "kron_matmul", "kron_eig_apply", "kron_topk")
+OP_NAMES = ("lanczos_step_", "reorthogonalize_", "gs_sweep_", "kron_matmul", "kron_eig_apply", "kron_topk")
 _warned_fallback = False
 
 
@@ -77,7 +77,7 @@ def _tensors(op: str, named_args: list[tuple[str, object]]) -> list[tuple[str, T
     for name, a in named_args:
         if isinstance(a, list):
             out += [(f"{name}[{i}]", t) for i, t in enumerate(a)]
-        elif not isinstance(a, (int, float)):
+        elif a is not None and not isinstance(a, (int, float)):  # None: an optional tensor left out
             out.append((name, a))
     for name, t in out:
         if not isinstance(t, Tensor):
@@ -189,6 +189,23 @@ def reorthogonalize_(Q: Tensor, w: Tensor, j: int) -> Tensor:
     """
     return _call("reorthogonalize_", [("Q", Q), ("w", w), ("j", int(j))], reference.reorthogonalize,
                  {"accumulate": torch.float64})
+
+
+def gs_sweep_(Q: Tensor, w: Tensor, coef: Tensor | None, rows: int, dots: bool = True) -> Tensor:
+    """One sweep of the Gram–Schmidt plan over the rows R = q_0..q_{rows-1} of Q (b, m, n),
+    for a caller that combines partial sums between sweeps (the sharded Lanczos step of
+    :mod:`hesslab.solvers._sharded`, which all-reduces them over ranks).
+
+    Where ``coef`` (b, rows) float64 is given, w −= Q_Rᵀ coef (float64 sums, w rounded to
+    its dtype once); then the local sums of the updated w: Q_R w (when ``dots``) and ‖w‖²,
+    in float64, fused with the update in one pass over Q_R (as sweep 2 of ``lanczos_step_``).
+    w must be contiguous and share no memory with Q or coef (Q is only read, may be strided).
+
+    Returns:
+        (b, rows + 1) float64 [Q_R w, ‖w‖²] when ``dots``, else (b, 1) [‖w‖²], on Q's device.
+    """
+    return _call("gs_sweep_", [("Q", Q), ("w", w), ("coef", coef), ("rows", int(rows)), ("dots", bool(dots))],
+                 reference.gs_sweep)
 
 
 #: Layers with out·in at or above this many elements go through cuBLAS on CUDA (the
@@ -366,6 +383,20 @@ def check_reorthogonalize(Q: Tensor, w: Tensor, j: int) -> None:
     _check_mutated_contiguous(w, op, "w")
 
 
+def check_gs_sweep(Q: Tensor, w: Tensor, coef: Tensor | None, rows: int) -> None:
+    """The argument checks of gs_sweep_ (as :func:`check_lanczos_step`)."""
+    op = "gs_sweep_"
+    _check_basis_and_vectors(Q, w, op)
+    _value(0 <= rows <= Q.shape[1], op, lambda: f"argument 'rows' must satisfy 0 <= rows <= m = {Q.shape[1]}, got {rows}")
+    _check_mutated_contiguous(w, op, "w")
+    if coef is not None:
+        _type(coef.dtype == torch.float64, op, lambda: f"argument 'coef' must be float64, got {_cpp(coef.dtype)}")
+        _check_dim(coef, 2, op, "coef", "(b, rows)")
+        _value(coef.shape[0] == Q.shape[0] and coef.shape[1] == rows, op,
+               lambda: f"argument 'coef' must have shape (b, rows) = ({Q.shape[0]}, {rows}), got {_cpp(coef.shape)}")
+        _check_device(coef, Q, op, "coef", "Q")
+
+
 def check_kron_factors(A, B, V: Tensor, op: str, a_name: str, b_name: str) -> list[int]:
     """The checks of the Kronecker factors; returns the per-layer offsets (as C++)."""
     _check_floating(V, op, "V")
@@ -435,6 +466,11 @@ if HAVE_EXTENSION:
     def _(Q, w, j):
         check_reorthogonalize(Q, w, j)
         return Q.new_empty(Q.shape[0], j, dtype=torch.float64)
+
+    @torch.library.register_fake("hesslab::gs_sweep_")
+    def _(Q, w, coef, rows, dots):
+        check_gs_sweep(Q, w, coef, rows)
+        return Q.new_empty(Q.shape[0], rows + 1 if dots else 1, dtype=torch.float64)
 
     @torch.library.register_fake("hesslab::kron_matmul")
     def _(A, B, V, allow_tf32=False):

@@ -72,6 +72,19 @@ def lanczos_step(
     return alpha, beta, breakdown
 
 
+def gs_sweep(Q: Tensor, w: Tensor, coef: Tensor | None, rows: int, dots: bool = True) -> Tensor:
+    """w -= Q[:, :rows]ᵀ coef (float64, when coef is given; w rounded once), then
+    [Q[:, :rows] w, ‖w‖²] as (b, rows + 1) float64 (only ‖w‖², (b, 1), without dots)."""
+    QR = Q[:, :rows].to(torch.float64)
+    if coef is not None and rows > 0:
+        w.copy_(w.to(torch.float64) - torch.bmm(QR.transpose(1, 2), coef.unsqueeze(2)).squeeze(2))
+    x = w.to(torch.float64)
+    norm2 = (x * x).sum(1, keepdim=True)
+    if not dots:
+        return norm2
+    return torch.cat([torch.bmm(QR, x.unsqueeze(2)).squeeze(2), norm2], dim=1)
+
+
 def _layers(V: Tensor, shapes: list[tuple[int, int]]) -> list[Tensor]:
     """Split V (b, N) into the per-layer (b, out, in) views."""
     sizes = [o * i for o, i in shapes]

@@ -270,3 +270,78 @@ def test_under_torch_compile(device):
     ref = reference.lanczos_step(Q2, w2, bp, 1, 1e-10, accumulate=torch.float64)
     torch.testing.assert_close(out[0], ref[0] * 2)
     torch.testing.assert_close(Q, Q2)
+
+
+# ---------------------------------------------------------------- gs_sweep_ (one sweep, for sharded steps)
+
+@pytest.mark.parametrize("shape", SHAPES + [(0, 3, 10), (2, 3, 0)], ids=str)
+def test_gs_sweep_matches_twin(shape, dtype, device):
+    b, m, n = shape
+    for rows in sorted({0, m // 2, m}):
+        Q = _basis(b, m, n, rows, dtype, device)
+        for with_coef in (False, True):
+            for dots in (True, False):
+                w = torch.randn(b, n, dtype=dtype, device=device)
+                coef = torch.randn(b, rows, dtype=torch.float64, device=device) if with_coef else None
+                w2 = w.clone()
+                out = _ops.gs_sweep_(Q, w, coef, rows, dots)
+                ref = reference.gs_sweep(Q, w2, coef, rows, dots)
+                assert out.shape == (b, rows + 1 if dots else 1) and out.dtype == torch.float64
+                assert out.device == Q.device
+                scale = 1 + (w2.abs().max().item() ** 2 * max(n, 1) if b * n else 0)
+                torch.testing.assert_close(out, ref, rtol=TOL[dtype], atol=TOL[dtype] * scale)
+                torch.testing.assert_close(w, w2, rtol=TOL[dtype], atol=TOL[dtype] * 10)
+                if not with_coef:
+                    assert torch.equal(w, w2)  # no update: w untouched
+
+
+def test_gs_sweep_three_sweeps_are_cgs2(dtype, device):
+    """Sums, update + sums, update: the coefficients and w of reorthogonalize_ (to rounding)."""
+    b, m, n, rows = 3, 7, 301, 5
+    Q = _basis(b, m, n, rows, dtype, device)
+    w = torch.randn(b, n, dtype=dtype, device=device)
+    w2 = w.clone()
+    s1 = _ops.gs_sweep_(Q, w, None, rows)
+    d = s1[:, :rows].contiguous()
+    s2 = _ops.gs_sweep_(Q, w, d, rows)
+    c = s2[:, :rows].contiguous()
+    s3 = _ops.gs_sweep_(Q, w, c, rows, dots=False)
+    coeff = reference.reorthogonalize(Q, w2, rows, accumulate=torch.float64)
+    torch.testing.assert_close(d + c, coeff, rtol=TOL[dtype], atol=TOL[dtype] * 10)
+    torch.testing.assert_close(w, w2, rtol=TOL[dtype], atol=TOL[dtype] * 10)
+    torch.testing.assert_close(s1[:, rows], w2.new_tensor(0).double() + (d.pow(2).sum(1) + s2[:, rows]),
+                               rtol=1e-5 if dtype == torch.float32 else 1e-10, atol=0)  # Pythagoras
+    torch.testing.assert_close(s3[:, 0], s2[:, rows] - c.pow(2).sum(1), rtol=1e-4, atol=1e-10)
+
+
+def test_gs_sweep_non_contiguous_and_bad_arguments(dtype, device):
+    b, m, n, rows = 2, 4, 33, 3
+    Qc = _basis(b, m, n, rows, dtype, device)
+    Q = Qc.transpose(1, 2).contiguous().transpose(1, 2)  # read only: a strided Q is fine
+    coef = torch.randn(rows, b, dtype=torch.float64, device=device).t()  # strided coef too
+    w = torch.randn(b, n, dtype=dtype, device=device)
+    w2 = w.clone()
+    torch.testing.assert_close(_ops.gs_sweep_(Q, w, coef, rows), reference.gs_sweep(Qc, w2, coef, rows),
+                               rtol=TOL[dtype], atol=TOL[dtype] * 100)
+    wt = torch.randn(n, b, dtype=dtype, device=device).t()
+    cases = [
+        ((Qc, wt, None, rows), "argument 'w' is written in place and must be contiguous"),
+        ((Qc, w, None, m + 1), "'rows'"),
+        ((Qc, w, None, -1), "'rows'"),
+        ((Qc, w, coef.float(), rows), "'coef'"),
+        ((Qc, w, coef[:, :2], rows), "'coef'"),
+        ((Qc, w[:1], None, rows), "'w'"),
+        ((Qc, w, coef.to("meta"), rows), "'coef'"),
+        ((Qc[:1], Qc[:1, rows], None, rows), "must not share memory"),  # w is a row of Q
+    ]
+    for args, match in cases:
+        with pytest.raises(HesslabError, match=match):
+            _ops.gs_sweep_(*args)
+
+
+def test_gs_sweep_opcheck(dtype, device):
+    Q = _basis(2, 5, 33, 3, dtype, device)
+    w = torch.randn(2, 33, dtype=dtype, device=device)
+    coef = torch.randn(2, 3, dtype=torch.float64, device=device)
+    torch.library.opcheck(torch.ops.hesslab.gs_sweep_.default, (Q, w, coef, 3, True))
+    torch.library.opcheck(torch.ops.hesslab.gs_sweep_.default, (Q, w, None, 3, False))

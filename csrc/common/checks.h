@@ -16,6 +16,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -131,6 +132,28 @@ inline void check_reorthogonalize(const at::Tensor& Q, const at::Tensor& w, int6
                     ": argument 'j' must satisfy 0 <= j <= m = ", Q.size(1), ", got ", j);
   check_mutated_contiguous(w, op, "w");
   check_no_overlap(w, Q, op, "w", "Q");
+}
+
+// gs_sweep_(Q (b,m,n), w (b,n), coef (b, rows) float64 or none, rows in [0, m]).
+inline void check_gs_sweep(const at::Tensor& Q, const at::Tensor& w,
+                           const std::optional<at::Tensor>& coef, int64_t rows) {
+  const char* op = "gs_sweep_";
+  check_basis_and_vectors(Q, w, op);
+  TORCH_CHECK_VALUE(rows >= 0 && rows <= Q.size(1), "hesslab.", op,
+                    ": argument 'rows' must satisfy 0 <= rows <= m = ", Q.size(1), ", got ", rows);
+  check_mutated_contiguous(w, op, "w");
+  check_no_overlap(w, Q, op, "w", "Q");
+  if (coef.has_value()) {
+    const at::Tensor& c = *coef;
+    TORCH_CHECK_TYPE(c.scalar_type() == at::kDouble, "hesslab.", op,
+                     ": argument 'coef' must be float64, got ", c.scalar_type());
+    check_dim(c, 2, op, "coef", "(b, rows)");
+    TORCH_CHECK_VALUE(c.size(0) == Q.size(0) && c.size(1) == rows, "hesslab.", op,
+                      ": argument 'coef' must have shape (b, rows) = (", Q.size(0), ", ", rows,
+                      "), got ", c.sizes());
+    check_device(c, Q, op, "coef", "Q");
+    check_no_overlap(w, c, op, "w", "coef");
+  }
 }
 
 // Grouped Kronecker factors: A[l] (in_l, in_l), B[l] (out_l, out_l); V (b, N) with

@@ -1,4 +1,4 @@
-// CPU kernels of the Lanczos family: lanczos_step_ and reorthogonalize_.
+// CPU kernels of the Lanczos family: lanczos_step_, reorthogonalize_ and gs_sweep_ (one sweep).
 //
 // Algorithm: the Gram–Schmidt plan of common/gram_schmidt_plan.h (CGS2 in up to three
 // sweeps over the rows of the Krylov basis, the second update skipped where the first
@@ -182,11 +182,32 @@ at::Tensor reorthogonalize_cpu(const at::Tensor& Q, const at::Tensor& w, int64_t
   return coeff;
 }
 
+at::Tensor gs_sweep_cpu(const at::Tensor& Q, const at::Tensor& w, const std::optional<at::Tensor>& coef,
+                        int64_t rows, bool dots) {
+  check_gs_sweep(Q, w, coef, rows);
+  const int64_t b = Q.size(0), m = Q.size(1), n = Q.size(2), width = dots ? rows + 1 : 1;
+  at::Tensor out = at::empty({b, width}, at::TensorOptions().dtype(at::kDouble));
+  const at::Tensor Qc = Q.contiguous();  // read only: a copy is fine
+  const at::Tensor cc = coef.has_value() ? coef->contiguous() : at::Tensor();
+  std::vector<double> d(static_cast<size_t>(b * rows)), norm2(b);
+  AT_DISPATCH_FLOATING_TYPES(Q.scalar_type(), "gs_sweep_cpu", [&] {
+    sweep<scalar_t>(Qc.data_ptr<scalar_t>(), m, rows, w.data_ptr<scalar_t>(), b, n,
+                    cc.defined() ? cc.data_ptr<double>() : nullptr, dots ? d.data() : nullptr, norm2.data());
+  });
+  double* o = out.data_ptr<double>();
+  for (int64_t i = 0; i < b; ++i) {
+    for (int64_t r = 0; r + 1 < width; ++r) o[i * width + r] = d[i * rows + r];
+    o[i * width + width - 1] = norm2[i];
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(hesslab, CPU, m) {
   m.impl("lanczos_step_", &lanczos_step_cpu);
   m.impl("reorthogonalize_", &reorthogonalize_cpu);
+  m.impl("gs_sweep_", &gs_sweep_cpu);
 }
 
 }  // namespace hesslab

@@ -1,4 +1,4 @@
-// CUDA kernels of lanczos_step_ and reorthogonalize_ (plain CUDA, no torch).
+// CUDA kernels of lanczos_step_, reorthogonalize_ and gs_sweep_ (plain CUDA, no torch).
 //
 // Algorithm: the Gram–Schmidt plan of common/gram_schmidt_plan.h, the same sequence of
 // sweeps and the same scalar formulas (alpha, beta, breakdown, skip rule, next row) as
@@ -610,6 +610,30 @@ cudaError_t reorthogonalize_cuda(const T* Q, T* w, int64_t b, int64_t m, int64_t
   return cudaGetLastError();
 }
 
+int64_t gs_sweep_workspace_size(int64_t b, int64_t dot_rows, int64_t n) {
+  return partial_blocks(n) * (b * dot_rows + b);
+}
+
+template <typename T>
+cudaError_t gs_sweep_cuda(const T* Q, T* w, const double* coef, int64_t b, int64_t m, int64_t n,
+                          int64_t rows, int64_t dot_rows, double* out, double* workspace,
+                          cudaStream_t stream) {
+  if (b == 0) {
+    return cudaSuccess;
+  }
+  if (coef == nullptr || rows == 0) {  // sweep 1 of the plan: the sums alone
+    return launch_sums<T>(Q, m, dot_rows, w, b, n, workspace, out, stream);
+  }
+  return launch_update_sums<T>(Q, m, rows, coef, nullptr, dot_rows, w, b, n, workspace, out,
+                               stream);  // sweep 2 (dot_rows = rows) or 3 (dot_rows = 0)
+}
+
+template cudaError_t gs_sweep_cuda<float>(const float*, float*, const double*, int64_t, int64_t,
+                                          int64_t, int64_t, int64_t, double*, double*,
+                                          cudaStream_t);
+template cudaError_t gs_sweep_cuda<double>(const double*, double*, const double*, int64_t,
+                                           int64_t, int64_t, int64_t, int64_t, double*, double*,
+                                           cudaStream_t);
 template cudaError_t lanczos_step_cuda<float>(float*, float*, const double*, int64_t, int64_t,
                                               int64_t, int64_t, double, double*, double*, bool*,
                                               double*, cudaStream_t);

@@ -37,5 +37,17 @@ template <typename T>
 cudaError_t reorthogonalize_cuda(const T* Q, T* w, int64_t b, int64_t m, int64_t n, int64_t j,
                                  double* coeffs, double* workspace, cudaStream_t stream);
 
+// Number of float64 elements of the `workspace` that gs_sweep_cuda needs.
+int64_t gs_sweep_workspace_size(int64_t b, int64_t dot_rows, int64_t n);
+
+// One sweep of the plan against rows 0..rows-1 (0 <= rows <= m): where coef (b, rows)
+// float64 is not null, w -= Q_R^T coef; then out[0 : b*dot_rows] = Q_R w (row-major
+// (b, dot_rows), dot_rows = rows or 0) and out[b*dot_rows : + b] = ||w||^2. Deterministic
+// like the other launchers. b == 0 enqueues nothing.
+template <typename T>
+cudaError_t gs_sweep_cuda(const T* Q, T* w, const double* coef, int64_t b, int64_t m, int64_t n,
+                          int64_t rows, int64_t dot_rows, double* out, double* workspace,
+                          cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace hesslab

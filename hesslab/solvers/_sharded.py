@@ -10,16 +10,20 @@ the ranks take the same branches and return identical eigenvalues, densities and
 traces; only vectors (bases, Ritz vectors) stay local.
 
 The Lanczos step (:func:`lanczos_step`) does the plan of csrc/common/gram_schmidt_plan.h
-with torch operations (float64 accumulation) instead of the compiled ``lanczos_step_``,
-whose sweeps fuse the dots with the updates and so cannot hand out their partial sums
-between two sweeps. It costs two all-reduces per step, one per Gram–Schmidt pass:
+with the compiled sweeps of ``lanczos_step_`` exposed one at a time (``_ops.gs_sweep_``,
+CPU and CUDA kernels: float64 sums, the update fused with the next sums), so that the
+partial sums can be all-reduced between the sweeps; the per-run scalars (alpha, beta,
+breakdown, the next row) follow the plan's rules in torch. It costs two all-reduces per
+step, one per Gram–Schmidt pass:
 
 * pass 1 reduces d = Q_R w (the rows R = q_0..q_j; alpha's first term is d_j and the
   three-term recurrence is the part along rows j and j-1, as in the kernels) together
   with ‖w_in‖² (the breakdown scale) and any caller's partial sums (``extra``: the
   eigensolver's overlaps ⟨q_j, d_f⟩ with the vectors of chains ended by force);
 * pass 2 reduces c = Q_R w₁ together with ‖w₁‖² in the same buffer, and the second
-  update w₂ = w₁ − Q_Rᵀ c is applied; then β² = ‖w₁‖² − ‖c‖², Pythagoras for the
+  update w₂ = w₁ − Q_Rᵀ c is applied where the plan's skip rule asks for it (‖c‖ >
+  eps‖w₁‖, judged on the reduced sums, so every rank decides alike; elsewhere c counts
+  as 0 and β² = ‖w₁‖², as in the kernels); then β² = ‖w₁‖² − ‖c‖², Pythagoras for the
   orthonormal rows (‖w₂‖² = ‖w₁‖² − 2⟨w₁, Q_Rᵀc⟩ + ‖c‖² with ⟨w₁, Q_Rᵀc⟩ = ‖c‖²), with
   no third all-reduce. It is accurate because c is at the level of the rounding of pass 1
   (‖c‖ ≈ eps·‖w_in‖ of the storage dtype), so β² loses only (eps·‖w_in‖/β)² relatively,
@@ -43,40 +47,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .. import _ops
 from ..errors import HesslabError
 from ..linops import LinearOperator
 from ..linops._model import distributed_active
 from ._checkpoint import Checkpoint
-
-#: Bytes of float64 copy a dot or an update of a non-float64 basis may take at a time.
-_CHUNK_BYTES = 2**26
-
-
-def _chunks(n: int, rows: int) -> list[slice]:
-    """Column slices of a (b, rows, n) basis whose float64 copy stays within _CHUNK_BYTES."""
-    step = max(1, _CHUNK_BYTES // (8 * max(rows, 1)))
-    return [slice(lo, lo + step) for lo in range(0, n, step)]
-
-
-def _dots(Q: Tensor, w: Tensor) -> Tensor:
-    """Local Q w (b, R) float64 for Q (b, R, n_r) and w (b, n_r) of any float dtype."""
-    if Q.dtype == torch.float64 and w.dtype == torch.float64:
-        return torch.bmm(Q, w.unsqueeze(2)).squeeze(2)
-    out = torch.zeros(Q.shape[0], Q.shape[1], dtype=torch.float64, device=Q.device)
-    for s in _chunks(Q.shape[2], Q.shape[1]):
-        out += torch.bmm(Q[:, :, s].double(), w[:, s].double().unsqueeze(2)).squeeze(2)
-    return out
-
-
-def _subtract_(Q: Tensor, w: Tensor, c: Tensor) -> None:
-    """w -= Qᵀ c in float64, rounded to w's dtype once (Q (b, R, n_r), c (b, R) float64)."""
-    if Q.dtype == torch.float64 and w.dtype == torch.float64:
-        w.sub_(torch.bmm(Q.transpose(1, 2), c.unsqueeze(2)).squeeze(2))
-        return
-    for s in _chunks(Q.shape[2], Q.shape[1]):
-        upd = torch.bmm(Q[:, :, s].transpose(1, 2).double(), c.unsqueeze(2)).squeeze(2)
-        w[:, s] = (w[:, s].double() - upd).to(w.dtype)
-
 
 def _sq(w: Tensor) -> Tensor:
     """Local ‖w_i‖² per row, float64 (b, 1)."""
@@ -86,28 +61,37 @@ def _sq(w: Tensor) -> Tensor:
 def gram_schmidt_(shards, Q: Tensor, w: Tensor, rows: int, extra: Tensor | None = None):
     """CGS2 of w (b, n_r) against ``Q[:, :rows]`` in place, with one all-reduce per pass.
 
+    Up to three compiled sweeps (``_ops.gs_sweep_``, the sweeps of ``lanczos_step_``): the
+    local sums of pass 1, reduced; the update with them fused with pass 2's sums, reduced;
+    the second update, only for the runs where the plan's skip rule asks for it (‖c‖ >
+    eps‖w₁‖, decided on the global sums, so on every rank alike) and with its norm from
+    Pythagoras (module docstring). A skipped run keeps c = 0 and ‖w_out‖² = ‖w₁‖².
+
     Args:
+        Q: (b, m, n_r) this rank's bases, contiguous; w (b, n_r) contiguous, mutated.
         extra: local partial sums (any shape, float64) reduced with pass 1's buffer.
 
     Returns:
         (d, c, in2, out2, extra): the coefficients of the two passes (b, rows) float64,
-        ‖w_in‖² and ‖w_out‖² = ‖w₁‖² − ‖c‖² (b,) float64 (clamped at 0; see the module
-        docstring), and ``extra`` reduced (or None), all global.
+        ‖w_in‖² and ‖w_out‖² = ‖w₁‖² − ‖c‖² (b,) float64 (clamped at 0), and ``extra``
+        reduced (or None), all global.
     """
     b = w.shape[0]
-    QR = Q[:, :rows]
-    ex = extra.reshape(-1).double() if extra is not None else w.new_zeros(0, dtype=torch.float64)
-    buf1 = torch.cat([_dots(QR, w).reshape(-1), _sq(w).reshape(-1), ex.to(w.device)])
-    shards.reduce_(buf1)
-    d = buf1[: b * rows].reshape(b, rows)
-    in2 = buf1[b * rows : b * rows + b]
-    _subtract_(QR, w, d)
-    buf2 = torch.cat([_dots(QR, w), _sq(w)], dim=1)
-    shards.reduce_(buf2)
-    c, mid2 = buf2[:, :rows], buf2[:, rows]
-    _subtract_(QR, w, c)
-    out2 = (mid2 - c.pow(2).sum(1)).clamp(min=0.0)  # NaN stays NaN (clamp propagates it)
-    extra_out = buf1[b * rows + b :].reshape(extra.shape) if extra is not None else None
+    ex = extra.reshape(-1).to(device=w.device, dtype=torch.float64) if extra is not None else None
+    s1 = _ops.gs_sweep_(Q, w, None, rows)  # (b, rows + 1): Q_R w_in, ||w_in||^2
+    buf1 = shards.reduce_(s1.reshape(-1) if ex is None else torch.cat([s1.reshape(-1), ex]))
+    s1 = buf1[: b * (rows + 1)].reshape(b, rows + 1)
+    d, in2 = s1[:, :rows].contiguous(), s1[:, rows]
+    s2 = shards.reduce_(_ops.gs_sweep_(Q, w, d, rows))  # w1 = w_in - Q_R^T d; Q_R w1, ||w1||^2
+    c, mid2 = s2[:, :rows], s2[:, rows]
+    c2 = c.pow(2).sum(1)
+    eps = torch.finfo(Q.dtype).eps
+    again = ~(c2 <= eps * eps * mid2)  # the plan's skip rule, on global sums (NaN takes the update)
+    c = torch.where(again[:, None], c, torch.zeros((), dtype=c.dtype, device=c.device)).contiguous()
+    if bool(again.any()):  # w2 = w1 - Q_R^T c (its local norm is not needed: Pythagoras)
+        _ops.gs_sweep_(Q, w, c, rows, dots=False)
+    out2 = torch.where(again, (mid2 - c2).clamp(min=0.0), mid2)  # NaN stays NaN (clamp propagates it)
+    extra_out = buf1[b * (rows + 1) :].reshape(extra.shape) if extra is not None else None
     return d, c, in2, out2, extra_out
 
 
