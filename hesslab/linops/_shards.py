@@ -79,7 +79,9 @@ class Shards:
                 f"V: expected the local shard with {self.local_sizes[self.rank]} rows, got {tuple(V.shape)}"
             )
         if not distributed_active():  # one rank in process (Shards(0, 1, (n,))): nothing to gather
-            return V.clone() if self.layout is None else V.new_empty(V.shape).index_copy_(0, self.layout.to(V.device), V)
+            if self.layout is None:
+                return V.clone()
+            return V.new_empty(V.shape).index_copy_(0, self.layout.to(V.device), V)
         dev = collective_device()
         width = max(self.local_sizes)
         buf = V.new_zeros((width, *V.shape[1:]), device=dev)

@@ -218,7 +218,8 @@ def open_checkpoint(path: str | os.PathLike, fingerprint: str, signature: str,
     if len({s[1:3] for s in everyone}) > 1:
         raise HesslabError(
             f"checkpoint: the rank files of {str(path)!r} stopped at different steps "
-            f"({[s[1] for s in everyone]}): they are not from one run; delete the files or pass another checkpoint path")
+            f"({[s[1] for s in everyone]}): they are not from one run; delete the files or pass another "
+            "checkpoint path")
     return ckpt, payload
 
 
