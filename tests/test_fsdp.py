@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch.multiprocessing as mp
 from torch import nn
 from torch.nn import functional as F
@@ -34,6 +36,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from hesslab.errors import HesslabError
 from hesslab.linops import GGN, KFAC, Hessian
+from hesslab.linops._sharded import block_indices
 from tests.models import classification_data, fully_shard_model, mlp, tiny_gpt2, token_batch
 from tests.test_distributed import _free_port
 from tests.test_finite_difference import K
@@ -43,6 +46,7 @@ SIZES = {2: (9, 14), 4: (3, 8, 5, 7)}  # samples per rank, 23 in all
 MLP = {"in_features": 5, "hidden": (7, 6), "out_features": 3}
 GPT = {"n_embd": 10, "vocab": 18, "n_positions": 7}
 BOUND = K * torch.finfo(torch.float64).eps ** (2 / 3)  # relative error of a float64 FD product
+BLOCK = ("4.bias", "0.weight")  # a selection: the block of these, in named_parameters order
 NUM_PRODUCTS = 20  # products after which the parameters must be bitwise as before
 
 
@@ -142,6 +146,7 @@ def _products(H: Hessian) -> dict[str, object]:
 
     return {
         "shape": H.shape, "sizes": sh.local_sizes, "names": H.param_names, "path": H.hvp_path,
+        "param_shapes": [tuple(s) for s in H.param_shapes],
         "num_data": H.num_data, "V": everywhere(Vl), "HV": everywhere(H @ Vl),
         "Hv": everywhere(H @ Vl[:, 0]), "grad": everywhere(H.gradient()), "loss": H.loss(),
     }
@@ -178,6 +183,9 @@ def _mlp_job(rank: int, world: int) -> dict[str, object]:
         v = _local(H, _block(H.shards.global_size, 1))
         for _ in range(NUM_PRODUCTS):
             H @ v
+        block = Hessian(model, CE, data, params=list(BLOCK))
+        out["block_HV"] = block.shards.gather(block @ _local(block, _block(block.shards.global_size)))
+        out["block_names"] = block.param_names
         bn = _sharded_mlp(batchnorm=True)
         buffers = [b.clone() for b in bn.buffers()]
         Hb = Hessian(bn, CE, _mlp_shard(rank, world), train_mode=True)  # no 2-sample batches
@@ -190,8 +198,10 @@ def _mlp_job(rank: int, world: int) -> dict[str, object]:
 
 
 def _gpt_job(rank: int, world: int) -> dict[str, object]:
+    """With 2 ranks the model keeps its parameters unsharded after forward and backward."""
     model = tiny_gpt2(**GPT)
-    fully_shard_model(model, blocks=list(model.transformer.h))
+    fully_shard_model(model, blocks=list(model.transformer.h), reshard_after_forward=world != 2)
+    model.set_reshard_after_backward(world != 2)
     batches = _gpt_batches(rank)
     return _products(Hessian(model, None, batches[0] if len(batches) == 1 else batches))
 
@@ -279,8 +289,8 @@ def _check_mlp(outs: list[dict]) -> None:
     V = _block(n)
     assert got["names"] == [k for k, _ in mlp(**MLP).named_parameters()]
     assert sum(got["sizes"]) == n and got["num_data"] == 23
-    if world == 4:
-        assert got["sizes"][3] < got["sizes"][0]  # rank 3's shards of the 6- and 3-row layers are empty
+    if world == 4:  # rank 3's shards of the 6-row and 3-row layers are empty
+        assert [s[0] for s in outs[3]["param_shapes"]] == [1, 1, 0, 0, 0, 0]
     assert torch.equal(got["V"], V)  # the layout puts every entry back where it belongs
     assert _rel(got["HV"], ref["H"] @ V) <= BOUND
     assert _rel(got["Hv"], ref["H"] @ V[:, 0]) <= BOUND
@@ -289,6 +299,13 @@ def _check_mlp(outs: list[dict]) -> None:
     for out in outs:
         assert out["params_kept"] and out["grads_kept"]
     if world == 2:
+        names = [k for k, _ in mlp(**MLP).named_parameters()]
+        sizes = [p.numel() for p in mlp(**MLP).parameters()]
+        ends = torch.tensor(sizes).cumsum(0).tolist()
+        idx = torch.cat([torch.arange(e - s, e) for k, s, e in zip(names, sizes, ends) if k in BLOCK])
+        sub = ref["H"][idx][:, idx]
+        assert outs[0]["block_names"] == ["0.weight", "4.bias"]
+        assert _rel(outs[0]["block_HV"], sub @ _block(len(idx))) <= BOUND
         bn = mlp(**MLP, batchnorm=True)
         batches = [_mlp_shard(r, world) for r in range(world)]  # BatchNorm: per rank's batch
         exact = Hessian(bn, CE, batches, train_mode=True) @ _block(got["bn_HV"].shape[0])
@@ -304,8 +321,8 @@ def _check_gpt(outs: list[dict]) -> None:
     V = _block(n)
     assert torch.equal(got["V"], V)
     assert _rel(got["HV"], _gpt_reference(len(outs), V)) <= BOUND
-    counts = sum(int((b["labels"][:, 1:] != -100).sum()) for r in range(len(outs)) for b in _gpt_batches(r))
-    assert got["num_data"] == counts
+    batches = [b for r in range(len(outs)) for b in _gpt_batches(r)]
+    assert got["num_data"] == sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
 
 
 def test_two_ranks_mlp_and_gpt2_match_the_unsharded_hessian(tmp_path):
@@ -326,7 +343,7 @@ def test_bad_input_gives_the_same_error_on_every_rank(tmp_path):
         "selection": "params: the ranks select different parameters",
         "no_data": "data: rank(s) [1] of 2 cannot use their first batch",
         "mixed": "params: selects FSDP2-sharded (DTensor) parameters and plain ones",
-        "method": "method: 'autograd' needs a double backward",
+        "method": "method: 'autograd' needs second derivatives through autograd",
         "ggn": "model: GGN of an FSDP2-sharded model",
         "kfac": "model: KFAC of an FSDP2-sharded model",
         "dtype": "dtype: torch.float32 differs from the sharded parameters' dtype torch.float64",
@@ -340,3 +357,14 @@ def test_bad_input_gives_the_same_error_on_every_rank(tmp_path):
         (message,) = messages
         assert message is not None and message.startswith(prefix), (name, message)
     assert outs[0]["loss_after"] == outs[1]["loss_after"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_block_indices_are_the_blocks_entries_in_the_flat_tensor(data):
+    shape = data.draw(st.lists(st.integers(0, 5), min_size=0, max_size=3), label="shape")
+    start = [data.draw(st.integers(0, s)) for s in shape]
+    block = [data.draw(st.integers(0, s - o)) for s, o in zip(shape, start)]
+    flat = torch.arange(math.prod(shape)).reshape(shape)
+    want = flat[tuple(slice(o, o + b) for o, b in zip(start, block))].reshape(-1)
+    assert torch.equal(block_indices(shape, block, start), want)

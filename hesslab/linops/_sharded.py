@@ -15,8 +15,9 @@ default group. ``Hessian(model, loss_fn, local_data)`` on such a model is sharde
   rank's batches (N all ranks' samples, uneven shards weighted by their sizes).
 
 Products are central differences of gradients (a double backward through FSDP2 fails):
-for each column v, with ε = ∛δ (1 + ‖θ‖) / ‖v‖ (:func:`~hesslab.linops._finite_difference.fd_step`,
-the norms over all ranks, so ε is the same on every rank),
+for each column v, with ε = ∛δ (1 + ‖θ‖) / ‖v‖ (``fd_step`` of
+:mod:`hesslab.linops._finite_difference`; the norms over all ranks, summed in rank order,
+so ε has the same bits on every rank),
 
     H v ≈ (∇L(θ + εv) − ∇L(θ − εv)) / (2ε).
 
@@ -45,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import sys
 import zlib
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -53,8 +55,6 @@ import torch
 from torch import Tensor, nn
 
 from hesslab.errors import HesslabError
-from hesslab.linops._attention import math_attention
-from hesslab.linops._data import call_model
 from hesslab.linops._finite_difference import METHOD as FD, fd_step
 from hesslab.linops._model import all_reduce_sum_, any_rank, distributed_active
 from hesslab.linops._params import columns_to_params
@@ -63,25 +63,21 @@ from hesslab.linops._shards import Shards
 if TYPE_CHECKING:  # pragma: no cover
     from hesslab.linops._curvature import CurvatureOperator
 
-__all__ = ["ShardedParameters", "fsdp_setup", "local_shapes"]
+__all__ = ["ShardedParameters", "block_indices", "fsdp_setup", "local_shapes"]
 
 
 # ------------------------------------------------------------------ detection
 def _fsdp_modules(model: nn.Module) -> list[nn.Module]:
     """The modules of ``model`` that ``fully_shard`` wrapped (FSDP2), outermost first."""
-    if not torch.distributed.is_available():
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # not imported: nothing is wrapped
+    if fsdp is None or not isinstance(model, nn.Module):  # not a module: ModelData says so
         return []
-    from torch.distributed.fsdp import FSDPModule
-
-    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+    return [m for m in model.modules() if isinstance(m, fsdp.FSDPModule)]
 
 
 def _is_dtensor(t: Tensor) -> bool:
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return dtensor is not None and isinstance(t, dtensor.DTensor)
 
 
 def _reshard(modules: Sequence[nn.Module]) -> None:
@@ -119,6 +115,11 @@ def fsdp_setup(model: nn.Module, op_cls: type, method: str = "auto",
     modules = _fsdp_modules(model)
     if not modules:
         return method
+    if not distributed_active():
+        raise HesslabError(
+            "model: is FSDP2-sharded (fully_shard) but torch.distributed has no process group; "
+            "build the operator under torchrun, after init_process_group, on every rank"
+        )
     name = op_cls.__name__
     if not getattr(op_cls, "finite_difference_supported", False):
         raise HesslabError(
@@ -128,10 +129,11 @@ def fsdp_setup(model: nn.Module, op_cls: type, method: str = "auto",
         )
     if method not in ("auto", FD):
         raise HesslabError(
-            f"method: {method!r} needs a double backward, which FSDP2-sharded models (fully_shard) "
-            f"cannot run; use method='{FD}' (the default for sharded models)"
+            f"method: {method!r} needs second derivatives through autograd (a double backward or "
+            "forward-over-reverse), which FSDP2-sharded models (fully_shard) cannot run; use "
+            f"method='{FD}' (the default for sharded models)"
         )
-    own = next(iter(model.parameters())).dtype
+    own = next(iter(model.parameters())).dtype  # FSDP2 holds one dtype per model here
     for arg, value in (("dtype", dtype), ("fd_dtype", fd_dtype)):
         if value is not None and value != own:
             raise HesslabError(
@@ -208,7 +210,8 @@ def _check_selection(names: Sequence[str], tensors: Sequence[Tensor]) -> None:
     rows = _gather_rows(torch.tensor([_fingerprint(names, tensors), len(names), n]))
     if not bool((rows == rows[0]).all()):
         per_rank = "; ".join(
-            f"rank {r}: {int(c)} tensors, {int(m)} entries" for r, (_, c, m) in enumerate(rows.tolist())
+            f"rank {r}: {int(c)} tensors, {int(m)} entries"
+            for r, (_, c, m) in enumerate(rows.tolist())
         )
         raise HesslabError(
             f"params: the ranks select different parameters ({per_rank}, or other names/shapes). "
@@ -227,12 +230,29 @@ def _check_selection(names: Sequence[str], tensors: Sequence[Tensor]) -> None:
 
     world = torch.distributed.get_world_size()
     for k, t in zip(names, tensors):
-        if t.device_mesh.ndim != 1 or t.device_mesh.size() != world or type(t.placements[0]) is not Shard:
+        mesh = t.device_mesh
+        if mesh.ndim != 1 or mesh.size() != world or type(t.placements[0]) is not Shard:
             raise HesslabError(
                 f"params: {k!r} is placed {t.placements} on a mesh of shape "
                 f"{tuple(t.device_mesh.shape)}; hesslab's sharded operators support FSDP2 over one "
                 f"mesh dimension spanning all {world} ranks (plain fully_shard), not HSDP/2-D meshes"
             )
+
+
+def block_indices(shape: Sequence[int], block: Sequence[int], start: Sequence[int]) -> Tensor:
+    """The row-major flat indices, in a tensor of ``shape``, of its block of shape ``block``
+    starting at ``start`` (one offset per dim), in the block's own row-major order.
+
+    Returns:
+        (prod(block),) int64: entry i of the flattened block is entry ``out[i]`` of the
+        flattened tensor. Built from one arange per dim (memory: the block's size).
+    """
+    idx = torch.zeros((), dtype=torch.int64)
+    for d, (size, first) in enumerate(zip(block, start)):
+        view = [1] * len(block)
+        view[d] = size
+        idx = idx + ((torch.arange(size) + first) * math.prod(shape[d + 1:])).view(view)
+    return idx.reshape(-1)
 
 
 def _layout(tensors: Sequence[Tensor], shapes: Sequence[torch.Size], shards: Shards) -> Tensor:
@@ -249,13 +269,7 @@ def _layout(tensors: Sequence[Tensor], shapes: Sequence[torch.Size], shards: Sha
         local, start = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
         if tuple(local) != tuple(shape):  # pragma: no cover - FSDP2 and DTensor chunk alike
             raise HesslabError(f"params: a shard of shape {tuple(shape)} where DTensor says {local}")
-        strides = [math.prod(t.shape[d + 1:]) for d in range(t.dim())]
-        idx = torch.zeros((), dtype=torch.int64)
-        for d, (size, first, stride) in enumerate(zip(shape, start, strides)):
-            view = [1] * len(shape)
-            view[d] = size
-            idx = idx + ((torch.arange(size) + first) * stride).view(view)
-        parts.append(idx.reshape(-1)[: math.prod(shape)] + offset)
+        parts.append(block_indices(t.shape, shape, start) + offset)
         offset += t.numel()
     mine = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
     start = sum(shards.local_sizes[: shards.rank])
@@ -265,7 +279,7 @@ def _layout(tensors: Sequence[Tensor], shapes: Sequence[torch.Size], shards: Sha
     if shards.global_size != offset or not bool(
         (torch.bincount(layout, minlength=offset) == 1).all()
     ):  # pragma: no cover - a placement the checks above let through
-        raise HesslabError("params: the ranks' shards do not tile the parameters (unsupported sharding)")
+        raise HesslabError("params: the ranks' shards do not tile the parameters (unsupported)")
     return layout
 
 
@@ -289,7 +303,7 @@ class ShardedParameters:
     @classmethod
     def attach(cls, op: CurvatureOperator, tensors: Sequence[Tensor]) -> ShardedParameters | None:
         """The sharded part of ``op`` (setting ``op.shards``), or None for an unsharded model."""
-        if not (_fsdp_modules(op.model) and distributed_active()):
+        if not _fsdp_modules(op.model):  # fsdp_setup saw the same and checked the rest
             return None
         return cls(op, tensors)
 
@@ -303,7 +317,10 @@ class ShardedParameters:
 
     @contextlib.contextmanager
     def _kept(self) -> Iterator[None]:
-        """Restore every .grad and FSDP reduction setting after the body (model_mode: the buffers)."""
+        """Restore every .grad and FSDP reduction setting after the body.
+
+        The body runs under the operator's model mode, which restores the buffers.
+        """
         model = self.op.model
         _reshard(self.modules)  # the parameters are the sharded DTensors from here on
         params = list(model.parameters())
@@ -319,8 +336,8 @@ class ShardedParameters:
             _reshard(self.modules)
             for p, g in zip(params, grads):
                 p.grad = g
-            for g, (factor, reduce, all_reduce) in zip(groups, settings):
-                g.gradient_divide_factor, g.reduce_grads, g.all_reduce_grads = factor, reduce, all_reduce
+            for g, saved in zip(groups, settings):
+                g.gradient_divide_factor, g.reduce_grads, g.all_reduce_grads = saved
 
     # -------------------------------------------------------------- one pass
     def _pass(self, backward: bool) -> tuple[Tensor, Tensor | None]:
@@ -343,13 +360,10 @@ class ShardedParameters:
                 break
             index, inputs, targets, size = item or first
             weight = size if item is not None else 0
-            with contextlib.ExitStack() as stack:
-                if item is None:  # the batch's own dropout masks, the global RNG untouched
-                    stack.enter_context(md.batch_rng(index))
-                if not backward:
-                    stack.enter_context(torch.no_grad())
-                stack.enter_context(math_attention())
-                loss = self.op._loss(call_model(model, md.head.model_inputs(inputs)), targets)
+            # a rerun batch draws its own dropout masks, the global RNG untouched
+            rng = md.batch_rng(index) if item is None else contextlib.nullcontext()
+            with rng, torch.enable_grad() if backward else torch.no_grad():
+                loss = self.op._loss(md.forward({}, inputs), targets)  # own_call: the model itself
                 if backward:
                     (loss * (weight * scale)).backward()
             total += weight * loss.detach().double().cpu()
@@ -388,13 +402,13 @@ class ShardedParameters:
             saved = [t.detach().clone() for t in self._local()]
             theta = torch.cat([t.reshape(-1) for t in saved]).double()
             sq = torch.cat([theta.pow(2).sum().reshape(1), V.double().pow(2).sum(0)])
-            norms = _global_sum(sq).sqrt().tolist()  # ‖θ‖, ‖v_1‖, ..., ‖v_b‖: the same bits everywhere
+            norms = _global_sum(sq).sqrt().tolist()  # ‖θ‖, ‖v_1‖, ..., ‖v_b‖, equal on all ranks
             Vs = columns_to_params(V, op.param_shapes)  # [(b, *s_i)]
             try:
                 for j, v_norm in enumerate(norms[1:]):
                     if v_norm == 0.0 or not math.isfinite(v_norm):
                         fill = 0.0 if v_norm == 0.0 else math.nan
-                        cols.append(torch.full((op.shape[0],), fill, dtype=op.dtype, device=op.device))
+                        cols.append(V.new_full((op.shape[0],), fill))
                         continue
                     eps = fd_step(norms[0], v_norm, op.dtype)
                     grads = []
@@ -413,7 +427,8 @@ class ShardedParameters:
         out = torch.stack(cols, dim=1)  # (n_r, b)
         if any_rank(not bool(torch.isfinite(out).all())):
             bad_v = any(not math.isfinite(x) for x in norms[1:])
-            raise HesslabError(self._nonfinite("product", bad_v=bad_v, bad_loss=any_rank(not finite)))
+            bad_loss = any_rank(not finite)
+            raise HesslabError(self._nonfinite("product", bad_v=bad_v, bad_loss=bad_loss))
         return out
 
     @staticmethod
