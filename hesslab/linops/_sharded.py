@@ -133,7 +133,7 @@ def fsdp_setup(model: nn.Module, op_cls: type, method: str = "auto",
             "forward-over-reverse), which FSDP2-sharded models (fully_shard) cannot run; use "
             f"method='{FD}' (the default for sharded models)"
         )
-    own = next(iter(model.parameters())).dtype  # FSDP2 holds one dtype per model here
+    own = next(iter(model.parameters())).dtype  # several dtypes: check_parameters refuses them
     for arg, value in (("dtype", dtype), ("fd_dtype", fd_dtype)):
         if value is not None and value != own:
             raise HesslabError(
