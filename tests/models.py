@@ -33,6 +33,7 @@ __all__ = [
     "tiny_gpt2",
     "tiny_vit",
     "token_batch",
+    "fully_shard_model",
 ]
 
 _ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "sigmoid": nn.Sigmoid, "gelu": nn.GELU}
@@ -259,3 +260,18 @@ class Interrupting(DenseOperator):
         if self.num_matvecs >= self.after:
             raise KeyboardInterrupt
         return super()._matmat(V)
+
+
+# ------------------------------------------------------------------ FSDP2 (torch.distributed running)
+def fully_shard_model(model: nn.Module, blocks: Sequence[nn.Module] | None = None, **kwargs) -> nn.Module:
+    """``fully_shard`` each of ``blocks`` (default: every Linear), then the root; returns ``model``.
+
+    Needs a default process group. ``kwargs`` go to every ``fully_shard`` call
+    (``mp_policy=``, ``reshard_after_forward=``).
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    for block in [m for m in model.modules() if isinstance(m, nn.Linear)] if blocks is None else blocks:
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    return model

@@ -36,7 +36,9 @@ Product paths (``method=``):
         running-statistics update breaks vmap, and torch's second-order forward mode
         through batch_norm with batch statistics is unreliable).
     ``"finite_difference"`` (Hessian only): central differences of two gradients per
-        column, no double backward; see :mod:`hesslab.linops._finite_difference`.
+        column, no double backward; see :mod:`hesslab.linops._finite_difference`. The
+        one path of FSDP2-sharded models (vectors are local shards, ``shards`` says how
+        they fit together; see :mod:`hesslab.linops._sharded`).
     ``reuse_graph``: with a single batch in memory the first-order graph is kept across
         products, so a product costs only the backward-of-backward; it is rebuilt when a
         parameter or buffer of the model changes in place (version counters are watched;
@@ -67,6 +69,7 @@ from hesslab.linops._base import LinearOperator
 from hesslab.linops._fdcheck import Difference, check_first_product
 from hesslab.linops._finite_difference import METHOD as _FD, fd_batch_product, fd_setup
 from hesslab.linops._model import ModelData, all_reduce_sum_, distributed_active
+from hesslab.linops._sharded import ShardedParameters, fsdp_setup, local_shapes
 from hesslab.linops._params import (
     ParamSpec,
     columns_to_params,
@@ -138,8 +141,9 @@ class CurvatureOperator(LinearOperator):
         reuse_graph: ``"auto"``: keep the first-order autograd graph across products when
             ``data`` is a single batch; ``True``: require it (single batch only);
             ``False``: rebuild per product.
-        method: ``"auto"`` (= ``"autograd"``, the faster path measured on the CPU),
-            ``"autograd"``, ``"func"`` or ``"finite_difference"`` (see the module docstring).
+        method: ``"auto"`` (= ``"autograd"``, the faster path measured on the CPU; for an
+            FSDP2-sharded model ``"finite_difference"``, the only one it allows, see
+            :mod:`hesslab.linops._sharded`), ``"autograd"``, ``"func"`` or ``"finite_difference"``.
         fd_dtype: The dtype of the finite-difference gradients (None: the operator's).
         batched_columns: ``"auto"``: by rule, one column at a time over the graph on the
             CPU, one batched backward (``is_grads_batched``) elsewhere (CUDA); ``True`` /
@@ -194,6 +198,7 @@ class CurvatureOperator(LinearOperator):
         seed: int = 0,
     ):
         model, params = unwrap_model(model, params)
+        method = fsdp_setup(model, type(self), method, dtype, fd_dtype)  # FSDP2: finite differences
         _check_options(method, batched_columns, reuse_graph, train_mode)
         md = ModelData(
             model, loss_fn, data, dtype=dtype, train_mode=train_mode, progress=progress,
@@ -208,9 +213,10 @@ class CurvatureOperator(LinearOperator):
         names, tensors = select_parameters(model, params)
         md.check_parameters(tensors)
         self.param_names: list[str] = names
-        self.param_shapes: list[torch.Size] = [t.shape for t in tensors]
-        n = sum(t.numel() for t in tensors)
+        self.param_shapes: list[torch.Size] = local_shapes(tensors)  # FSDP2: the local shards
+        n = sum(math.prod(s) for s in self.param_shapes)
         super().__init__((n, n), md.dtype, md.device)
+        self._sharded = ShardedParameters.attach(self, tensors)  # None unless FSDP2; sets shards
 
         if reuse_graph is True and method in ("func", _FD):
             raise HesslabError(
@@ -315,6 +321,8 @@ class CurvatureOperator(LinearOperator):
 
     def _product(self, V: Tensor, reuse: bool) -> Tensor:
         """(1/N) Σ_k n_k A_k V over all batches (and ranks); V (n, b) -> (n, b)."""
+        if self._sharded is not None:
+            return self._sharded.product(V)
         n, b = V.shape
         Vs = columns_to_params(V, self.param_shapes)  # [(b, *s_i)]
         acc = None
@@ -330,7 +338,7 @@ class CurvatureOperator(LinearOperator):
         num_data = self._md.set_count(count)
         acc = all_reduce_sum_(acc).div_(num_data)
         if not bool(torch.isfinite(acc).all()):
-            self._diagnose_nonfinite(V, "product")
+            _diagnose_nonfinite(self, V, "product")
         return acc
 
     def _batch_product(
@@ -406,25 +414,6 @@ class CurvatureOperator(LinearOperator):
         """One batch's block product from its graph: [(b, *s_i)]."""
         raise NotImplementedError
 
-    # ------------------------------------------------------------------ checks
-    def _diagnose_nonfinite(self, V: Tensor | None, what: str) -> None:
-        if V is not None and not bool(torch.isfinite(V).all()):
-            raise HesslabError("V: the block of vectors holds NaN or Inf entries")
-        with torch.no_grad(), self._md.model_mode():
-            for index, inputs, targets, _ in self._md.batches(progress=False):
-                selected, others = self._tensors()
-                loss = self._loss(self._forward({**others, **selected}, inputs), targets)
-                if not bool(torch.isfinite(loss)):
-                    raise HesslabError(
-                        f"loss_fn: the loss is {loss.item()} on batch {index} of data; check the "
-                        "inputs and targets for NaN/Inf and the model's parameters"
-                    )
-        raise HesslabError(
-            f"model: the {what} of {type(self).__name__} holds NaN or Inf although the loss is "
-            "finite on every batch: the derivatives overflow or are undefined (a non-smooth loss "
-            "or activation at a kink, overflow in low precision). Try dtype=torch.float64."
-        )
-
     # -------------------------------------------------------- loss, gradient
     def loss(self) -> float:
         """The mean loss L(θ) over all of the data (and ranks)."""
@@ -458,6 +447,8 @@ class CurvatureOperator(LinearOperator):
         return loss, flatten_grads(grads, leaves)
 
     def _loss_and_gradient(self, need_grad: bool) -> tuple[float, Tensor | None]:
+        if self._sharded is not None:
+            return self._sharded.loss_and_gradient(need_grad)
         n = self.shape[0]
         g_acc = torch.zeros(n, dtype=self.dtype, device=self.device) if need_grad else None
         l_acc = torch.zeros(1, dtype=torch.float64, device=self.device)
@@ -476,12 +467,32 @@ class CurvatureOperator(LinearOperator):
         num_data = self._md.set_count(count)
         value = float((all_reduce_sum_(l_acc) / num_data).item())
         if not math.isfinite(value):
-            self._diagnose_nonfinite(None, "loss")
+            _diagnose_nonfinite(self, None, "loss")
         if g_acc is not None:
             g_acc = all_reduce_sum_(g_acc).div_(num_data)
             if not bool(torch.isfinite(g_acc).all()):
-                self._diagnose_nonfinite(None, "gradient")
+                _diagnose_nonfinite(self, None, "gradient")
         return value, g_acc
+
+
+def _diagnose_nonfinite(op: CurvatureOperator, V: Tensor | None, what: str) -> None:
+    """Raise the HesslabError that says why ``op``'s ``what`` holds NaN or Inf."""
+    if V is not None and not bool(torch.isfinite(V).all()):
+        raise HesslabError("V: the block of vectors holds NaN or Inf entries")
+    with torch.no_grad(), op._md.model_mode():
+        for index, inputs, targets, _ in op._md.batches(progress=False):
+            selected, others = op._tensors()
+            loss = op._loss(op._forward({**others, **selected}, inputs), targets)
+            if not bool(torch.isfinite(loss)):
+                raise HesslabError(
+                    f"loss_fn: the loss is {loss.item()} on batch {index} of data; check the "
+                    "inputs and targets for NaN/Inf and the model's parameters"
+                )
+    raise HesslabError(
+        f"model: the {what} of {type(op).__name__} holds NaN or Inf although the loss is "
+        "finite on every batch: the derivatives overflow or are undefined (a non-smooth loss "
+        "or activation at a kink, overflow in low precision). Try dtype=torch.float64."
+    )
 
 
 def _check_options(method: str, batched_columns: Any, reuse_graph: Any, train_mode: bool) -> None:

@@ -47,7 +47,9 @@ class Hessian(CurvatureOperator):
 
     H = (1/N) Σ_k n_k ∇²_θ L_k with L_k the mean loss of batch k (see the module
     docstring for the notation). Products are exact; b columns share one pass over the
-    data. See :class:`CurvatureOperator` for the arguments.
+    data. See :class:`CurvatureOperator` for the arguments. On an FSDP2-sharded model
+    (``fully_shard``, under torchrun) it acts on this rank's local shards by finite
+    differences, ``shards`` giving the layout (:mod:`hesslab.linops._sharded`).
 
     Example:
         >>> H = Hessian(model, nn.CrossEntropyLoss(), (X, y), dtype=torch.float64)

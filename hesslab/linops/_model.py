@@ -155,6 +155,10 @@ class ModelData:
         head: The :class:`~hesslab.linops._lmloss.LossHead` (how the loss comes from the output).
         notes: What hesslab decided for this model (the math attention backend, the loss).
         device, dtype: Set by :meth:`check_parameters` (the operator's).
+        own_call: True for an FSDP2-sharded model (set by :mod:`hesslab.linops._sharded`):
+            it is called as it is, its parameters being its own shards (under
+            ``functional_call`` FSDP2 would adopt the substituted tensors), and
+            :meth:`model_mode` restores its buffers (a train-mode forward writes them).
         num_data: N over all ranks, once a full pass counted it (else ``None``).
 
     Raises:
@@ -202,6 +206,7 @@ class ModelData:
         self.device: torch.device = torch.device("cpu")
         self.dtype: torch.dtype = dtype or torch.get_default_dtype()
         self.num_data: int | None = None
+        self.own_call = False
         self._single_cache: tuple[Any, Tensor] | None = None
         self._cast_cache: tuple[tuple, dict[str, Tensor]] | None = None
 
@@ -244,10 +249,14 @@ class ModelData:
         """Put the model in the requested mode; restore every module's own flag after."""
         modes = [(m, m.training) for m in self.model.modules()]
         flags = [(p, p.requires_grad) for p in self.model.parameters()]
+        buffers = [(b, b.clone()) for b in self.model.buffers()] if self.own_call else []
         self.model.train(self.train_mode)
         try:
             yield
         finally:
+            with torch.no_grad():
+                for b, saved in buffers:
+                    b.copy_(saved)
             for m, training in modes:
                 m.training = training
             for p, requires_grad in flags:
@@ -291,10 +300,7 @@ class ModelData:
         """
         try:
             with math_attention():
-                return call_model(
-                    lambda *a, **k: functional_call(self.model, tensors, a, k),
-                    self.head.model_inputs(inputs),
-                )
+                return call_model(self._caller(tensors), self.head.model_inputs(inputs))
         except RuntimeError as err:
             ints = [
                 t.dtype for t in input_tensors(inputs) if not (t.is_floating_point() or t.is_complex())
@@ -313,6 +319,12 @@ class ModelData:
                     f"layout) the model expects. Original error: {str(err).splitlines()[0]}"
                 ) from err
             raise
+
+    def _caller(self, tensors: dict[str, Tensor]) -> Callable[..., Any]:
+        """The model with ``tensors`` substituted; with :attr:`own_call`, the model as it is."""
+        if self.own_call:
+            return self.model
+        return lambda *a, **k: functional_call(self.model, tensors, a, k)
 
     def check_differentiable(self, out: Any, targets: Tensor) -> None:
         """Raise unless ``loss_fn`` is differentiable in the output (one tensor output only).
@@ -375,7 +387,7 @@ class ModelData:
             return
         full["labels"] = targets
         with torch.no_grad(), math_attention():
-            out = call_model(lambda *a, **k: functional_call(self.model, tensors, a, k), full)
+            out = call_model(self._caller(tensors), full)
         self.head.check_first(out, targets)
 
     def logits(self, output: Any) -> Tensor:

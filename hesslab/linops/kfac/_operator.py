@@ -22,6 +22,7 @@ from hesslab.linops._base import ChainOperator, LinearOperator, PermutationOpera
 from hesslab.linops._hessian import Hessian
 from hesslab.linops._model import ModelData
 from hesslab.linops._params import ParamSpec, select_parameters
+from hesslab.linops._sharded import fsdp_setup
 from hesslab.linops._wrapped import unwrap_model
 from hesslab.linops.kfac._computer import KFACComputer, KronFactors, SampleTerms
 from hesslab.linops.kfac._kronecker import KroneckerBlockDiagonal
@@ -139,6 +140,7 @@ class KFAC(LinearOperator):
         loss_type: str | None = None,
     ):
         model, layers = unwrap_model(model, layers)  # DistributedDataParallel: its .module
+        fsdp_setup(model, type(self))  # FSDP2-sharded models: refused, naming Hessian instead
         md = ModelData(model, loss_fn, data, dtype=dtype, progress=progress, name="KFAC")
         if curvature not in _CURVATURES:
             raise HesslabError(f"curvature: expected one of {_CURVATURES}, got {curvature!r}")
