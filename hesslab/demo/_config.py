@@ -92,7 +92,7 @@ class DemoConfig:
     def make(cls, quick: bool) -> DemoConfig:
         if quick:
             return cls(
-                quick=True, epochs=6, checkpoint_epochs=(0, 1, 2, 4, 6), hessian_samples=128, k_top=30,
+                quick=True, epochs=6, checkpoint_epochs=(0, 1, 2, 4, 6), hessian_samples=256, k_top=30,
                 k_concentration=10,
                 budget=Budget(lanczos_tol=1e-5, slq_steps=40, slq_probes=4, density_grid=2000, trace_matvecs=30,
                               layer_k=10, blocks_steps=15, blocks_probes=2),
