@@ -14,6 +14,8 @@ loads these by name, as it loads a user's own factories.
     gpt2_tiny()           a GPT-2 from a config (1 layer, 16 wide, vocabulary 32), random init
     lm_loader()           2 dict batches {"input_ids", "labels"} of 2 sequences of 8 tokens
     lm_loader_no_labels() the same batches without "labels"
+    vit_tiny()            a timm VisionTransformer from a config (1x8x8 images, embed 8, depth 1, 3 classes)
+    image_loader()        2 batches of 4 random 1x8x8 images with class targets
 """
 
 from __future__ import annotations
@@ -95,3 +97,17 @@ def lm_loader() -> list[dict[str, torch.Tensor]]:
 
 def lm_loader_no_labels() -> list[dict[str, torch.Tensor]]:
     return [{"input_ids": b["input_ids"]} for b in lm_loader()]
+
+
+def vit_tiny() -> nn.Module:
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)  # timm's default attention: fused scaled-dot-product (switched by hesslab)
+    return VisionTransformer(img_size=8, patch_size=4, in_chans=1, num_classes=NUM_CLASSES, embed_dim=8, depth=1,
+                             num_heads=2, mlp_ratio=2.0)
+
+
+def image_loader() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(3)
+    return [(torch.randn(4, 1, 8, 8, generator=gen), torch.randint(0, NUM_CLASSES, (4,), generator=gen))
+            for _ in range(2)]

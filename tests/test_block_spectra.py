@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from hesslab.analysis.block_spectra import BlockSpectra, Block, block_spectra, default_blocks, js_distance
+from hesslab.errors import HesslabError
 from hesslab.linops import DenseOperator, Hessian, SubblockOperator
 from hesslab.solvers import spectral_density
 from tests.models import tiny_gpt2, token_batch
@@ -25,6 +26,31 @@ def test_default_blocks_split_fused_qkv_and_list_embeddings_and_norms():
                  "transformer.wte", "transformer.wpe", "transformer.h.0.ln_1", "transformer.ln_f"):
         assert name in names
     assert not any(n.startswith("lm_head") for n in names)  # tied to wte: one block
+
+
+def test_params_restrict_the_default_blocks():
+    model, batch = tiny_gpt2(), token_batch(2, 5, seed=7)
+    c_attn = "transformer.h.0.attn.c_attn"
+    every = {b.name: b for b in default_blocks(model)}
+    chosen = default_blocks(model, params=["transformer.h.0.mlp.*", "transformer.ln_f"])
+    assert [b.name for b in chosen] == ["transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj", "transformer.ln_f"]
+    assert all(b.params == every[b.name].params for b in chosen)
+    # the fused weight without its bias: q/k/v blocks of the weight alone, the matching dense sub-blocks
+    weight_only = default_blocks(model, params=f"{c_attn}.weight")
+    assert [b.name for b in weight_only] == [f"{c_attn}.{p}" for p in "qkv"]
+    H = Hessian(model, None, batch, params=f"{c_attn}.weight").to_dense()
+    i, three_e = dict(model.named_parameters())[f"{c_attn}.weight"].shape
+    e = three_e // 3
+    for j, b in enumerate(weight_only):
+        assert b.params == [f"{c_attn}.weight"]
+        idx = (torch.arange(i)[:, None] * three_e + torch.arange(j * e, (j + 1) * e)).reshape(-1)
+        torch.testing.assert_close(b.index, idx)
+        op = SubblockOperator(Hessian(model, None, batch, params=b.params), b.index)
+        torch.testing.assert_close(op.to_dense(), H[idx][:, idx], rtol=1e-10, atol=1e-12)
+    res = block_spectra(model, None, batch, num_steps=4, num_probes=1, params="transformer.h.0.mlp.c_fc")
+    assert res.names == ["transformer.h.0.mlp.c_fc"]
+    with pytest.raises(HesslabError, match="params: restricts the default blocks"):
+        block_spectra(model, None, batch, blocks=chosen, params="transformer.ln_f")
 
 
 def test_block_spectrum_equals_the_params_sub_operator(tmp_path):

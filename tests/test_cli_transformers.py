@@ -1,6 +1,8 @@
-"""``hesslab analyze`` on a transformers model with no wrapper (issue 13): dict batches
-passed as model(**batch), ``--loss model`` (the default for dict batches with labels),
-``--max-batches`` counting dict batches, and ``--measures blocks`` (per-block spectra)."""
+"""``hesslab analyze`` on transformers and timm models with no wrapper (issue 13): dict
+batches passed as model(**batch), ``--loss model`` (the default for dict batches with
+labels), ``--max-batches`` counting dict batches, ``--measures blocks`` (per-block spectra,
+restricted by ``--params``), ``--kfac-layers`` naming GPT-2's Conv1D layers, and a timm
+ViT from a config end to end."""
 
 from __future__ import annotations
 
@@ -77,3 +79,42 @@ def test_blocks_measure_on_gpt2(tmp_path):
 def test_blocks_measure_on_an_mlp(tmp_path):
     bs = _blocks_run(tmp_path, ["analyze", "--model", f"{FIX}:tiny_mlp", "--data", f"{FIX}:loader"])
     assert set(bs["blocks"]) == {"0", "2"} and bs["blocks"]["0"]["size"] == 8 * 6 + 6
+
+
+def test_params_restrict_the_blocks_measure(tmp_path):
+    base = GPT + ["--params", "transformer.h.0.attn.*", "--params", "transformer.h.0.mlp.c_fc"]
+    bs = _blocks_run(tmp_path, base)
+    assert set(bs["blocks"]) == {"transformer.h.0.attn.c_attn.q", "transformer.h.0.attn.c_attn.k",
+                                 "transformer.h.0.attn.c_attn.v", "transformer.h.0.attn.c_proj",
+                                 "transformer.h.0.mlp.c_fc"}
+    assert bs["blocks"]["transformer.h.0.mlp.c_fc"]["size"] == 16 * 64 + 64
+
+
+def test_kfac_layers_name_gpt2_conv1d_layers(tmp_path, capsys):
+    rc = main([str(a) for a in GPT + ["--out", tmp_path, "--measures", "kfac", "--kfac-layers",
+                                      "transformer.h.0.mlp.c_proj", "--k", 2, "--kfac-steps", 20, "--quiet"]])
+    err = capsys.readouterr().err
+    assert rc == 0, err[-3000:]
+    kfac = json.loads((tmp_path / "summary.json").read_text())["kfac"]["model"]
+    assert list(kfac["layers"]) == ["transformer.h.0.mlp.c_proj"]
+    assert kfac["layers"]["transformer.h.0.mlp.c_proj"]["module"] == "Conv1D"
+    assert "transformer.h.0.attn.c_attn" in kfac["not_compared"]
+    rc = main([str(a) for a in GPT + ["--out", tmp_path / "b", "--measures", "kfac", "--kfac-layers",
+                                      "transformer.wte", "--quiet"]])
+    err = capsys.readouterr().err
+    assert rc == 3 and "--kfac-layers: 'transformer.wte' matches none of the Kronecker layers" in err
+    assert "transformer.h.0.attn.c_attn" in err  # the Conv1D layers are listed as the choices
+
+
+def test_timm_vit_from_a_config_end_to_end(tmp_path):
+    proc = _cli(["analyze", "--model", f"{FIX}:vit_tiny", "--data", f"{FIX}:image_loader", "--out", tmp_path,
+                 "--measures", "top_k,density,trace,kfac,blocks", *SMALL, "--kfac-steps", 20,
+                 "--blocks-steps", 8, "--blocks-probes", 2])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["finished"] is True and not summary["errors"], summary["errors"]
+    assert summary["source"]["loss"] == "cross_entropy" and summary["source"]["samples"] == 8
+    assert summary["models"]["model"]["lambda_1"] > 0
+    assert {"blocks.0.attn.qkv.q", "blocks.0.attn.qkv.k", "blocks.0.attn.qkv.v", "blocks.0.mlp.fc1",
+            "cls_token", "pos_embed"} <= set(summary["block_spectra"]["model"]["blocks"])
+    assert summary["kfac"]["model"]["layers"]  # the Kronecker comparison ran on a token-shared layer

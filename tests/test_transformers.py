@@ -244,6 +244,49 @@ def test_kfac_gpt2_covers_every_conv1d_and_matches_hand_built_factors():
     assert_close((K @ v)[sl], torch.cat([R[:, :i].T.reshape(-1), R[:, i]]), rtol=1e-7)
 
 
+def _vit_output_hessian(model: nn.Module, X: Tensor, y: Tensor, layer: nn.Module) -> tuple[Tensor, Tensor]:
+    """Hand-built for a (B, T, C)-output layer of the eager ViT: its inputs x (n, T, in) and
+    ∇²_δ Σ_j ℓ_j (n, T, o, n, T, o) for δ added to its output."""
+    seen = {}
+    h = layer.register_forward_hook(lambda m, a, o: seen.update(x=a[0].detach(), shape=o.shape))
+    with torch.no_grad():
+        model(X)
+    h.remove()
+
+    def loss_sum(delta: Tensor) -> Tensor:
+        hook = layer.register_forward_hook(lambda m, a, o: o + delta)
+        try:
+            return F.cross_entropy(model(X), y, reduction="sum")
+        finally:
+            hook.remove()
+
+    return seen["x"], torch.func.hessian(loss_sum)(torch.zeros(seen["shape"], dtype=torch.float64)).detach()
+
+
+@pytest.mark.parametrize("name", ["blocks.0.attn.qkv", "blocks.0.mlp.fc1", "blocks.0.mlp.fc2"])
+def test_kfac_vit_exact_expand_factors_match_hand_built_ones(name):
+    """The exact E[M] of a token-shared layer: Σ_j Σ_t M_j[t, t] / n from a dense Hessian with
+    respect to the layer's output; the Gauss-Newton M is far from it here (attention, GELU and
+    LayerNorm after the layer), so the exact mode must not be the Gauss-Newton one."""
+    from hesslab.linops import KFAC
+
+    model, eager = tiny_vit(fused=True), tiny_vit(fused=False)
+    gen = torch.Generator().manual_seed(4)
+    X = torch.randn(3, 1, 8, 8, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (3,), generator=gen)
+    K = KFAC(model, CE, (X, y), layers=name)
+    assert K.exact_layers == [name]
+    x, Hd = _vit_output_hessian(eager, X, y, dict(eager.named_modules())[name])
+    n, T, o = Hd.shape[:3]
+    B_ref = sum(Hd[j, t, :, j, t, :] for j in range(n) for t in range(T)) / n
+    xt = torch.cat([x, torch.ones(*x.shape[:-1], 1, dtype=x.dtype)], -1).reshape(-1, x.shape[-1] + 1)
+    A, B = K.factors[name]
+    assert_close(A, xt.T @ xt / (n * T))
+    assert_close(B, B_ref, rtol=1e-7)
+    B_ggn = KFAC(model, CE, (X, y), layers=name, curvature="ggn").factors[name].B
+    assert float((B_ggn - B_ref).norm()) > 0.1 * float(B_ref.norm())
+
+
 def test_large_vocabulary_takes_the_closed_form_on_the_func_path():
     model = tiny_gpt2(vocab=4096)
     batch = token_batch(2, 8, vocab=4096, ignore=3, seed=9)  # 2·8·4096 = 2¹⁶ logits

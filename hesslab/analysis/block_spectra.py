@@ -86,12 +86,20 @@ def _split_qkv(name: str, module: nn.Module, wname: str, bname: str, columns: bo
     return blocks
 
 
-def default_blocks(model: nn.Module) -> list[Block]:
+def default_blocks(model: nn.Module, params: Any = None) -> list[Block]:
     """Zhang et al.'s blocks of a model (see the module docstring), in parameter order.
 
-    Only parameters that require grad are included.
+    Args:
+        params: ``None`` (every parameter that requires grad) or anything ``params=`` of the
+            operators accepts: only blocks over these parameters, a fused q/k/v weight
+            without its bias giving q/k/v blocks of the weight alone.
     """
-    owned = {n for n, p in model.named_parameters() if p.requires_grad}
+    if params is None:
+        owned = {n for n, p in model.named_parameters() if p.requires_grad}
+    else:
+        from hesslab.linops import select_parameters
+
+        owned = set(select_parameters(model, params)[0])
     blocks: list[Block] = []
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
@@ -111,9 +119,12 @@ def default_blocks(model: nn.Module) -> list[Block]:
     return blocks
 
 
-def _as_blocks(model: nn.Module, blocks: Any) -> list[Block]:
+def _as_blocks(model: nn.Module, blocks: Any, params: Any) -> list[Block]:
+    if params is not None and blocks is not None:
+        raise HesslabError("params: restricts the default blocks (blocks=None); with blocks= given, name "
+                           "the parameters in the blocks instead")
     if blocks is None:
-        out = default_blocks(model)
+        out = default_blocks(model, params)
     elif isinstance(blocks, Mapping):
         from hesslab.linops import select_parameters
 
@@ -216,6 +227,7 @@ def block_spectra(
     num_probes: int = 4,
     *,
     seed: int = 0,
+    params: Any = None,
     operator: str = "hessian",
     grid_size: int = 2000,
     sigma2: float = 1e-5,
@@ -231,6 +243,8 @@ def block_spectra(
         num_steps: Lanczos steps per probe (capped at each block's size).
         num_probes: Random probes per block.
         seed: Seed of the probes (the same for every block).
+        params: With ``blocks=None``, only the default blocks over these parameters
+            (anything ``params=`` of the operators accepts; see :func:`default_blocks`).
         operator: ``"hessian"`` or ``"ggn"``.
         grid_size, sigma2: Smoothing of each block's density and of the common grid.
         **operator_options: Passed to the operator (``dtype``, ``method``, ...).
@@ -238,7 +252,7 @@ def block_spectra(
     Returns:
         A :class:`BlockSpectra`.
     """
-    chosen = _as_blocks(model, blocks)
+    chosen = _as_blocks(model, blocks, params)
     spectra: dict[str, SpectralDensity] = {}
     sizes = []
     for block in chosen:

@@ -121,17 +121,14 @@ def _parse_blocks(model: Any, specs: list[str] | None, label: str) -> dict[str, 
 
 def _kfac_layers(model: Any, text: str) -> Any:
     """``--kfac-layers``: None (the largest and the last), "all" or names/globs, checked
-    against the model's Linear and Conv2d layers."""
-    from torch import nn
-
+    against the model's Kronecker layers (Linear, Conv2d, transformers' Conv1D)."""
     from hesslab.demo import choose_layers
+    from hesslab.linops.kfac import kronecker_layer_sizes
 
     if text == "auto":
         return None
     spec: Any = "all" if text == "all" else [s.strip() for s in text.split(",") if s.strip()]
-    sizes = {n: sum(p.numel() for p in m.parameters(recurse=False)) for n, m in model.named_modules()
-             if isinstance(m, (nn.Linear, nn.Conv2d))}
-    choose_layers(sizes, spec)  # raises on a name that matches no layer
+    choose_layers(kronecker_layer_sizes(model), spec)  # raises on a name that matches no layer
     return spec
 
 
@@ -222,7 +219,8 @@ def add_analyze_parser(sub: Any) -> None:
                         "layer, embedding, norm; their heterogeneity)")
     p.add_argument("--params", action="append", metavar="NAMES",
                    help="measure the Hessian of these parameters only: comma-separated names, module names or "
-                        "globs (e.g. 'layer4.*'); repeat for several blocks, one result set each (default: all)")
+                        "globs (e.g. 'layer4.*'); repeat for several blocks, one result set each (default: all); "
+                        "the blocks measure keeps the per-block spectra over these parameters")
     p.add_argument("--train-mode", action="store_true",
                    help="evaluate the model in train mode (BatchNorm batch statistics, dropout; checked to be "
                         "deterministic); default: eval mode")

@@ -68,6 +68,7 @@ def run_analysis(
         budget: Steps, probes and products per measure.
         blocks: ``{name: params}``: one result set per parameter block (``params`` as for
             :class:`hesslab.Hessian`); None: one set over all parameters, named ``label``.
+            The ``blocks`` measure takes the default blocks over the union of these.
         hessian_options: More keyword arguments for :class:`hesslab.Hessian` (``dtype``,
             ``train_mode``).
         kfac_layers: The layers whose exact block the Kronecker factors are compared with
@@ -123,8 +124,18 @@ def _measure(run: _AnalysisRun, model: nn.Module, loss_fn: Callable[..., torch.T
     if "blocks" in run_set:
         ba = blocks_analysis(label, model, loss_fn, data, num_steps=budget.blocks_steps,
                              num_probes=budget.blocks_probes, seed=seed, store=run.store, stages=stages,
-                             cost_log=run.costs, hessian_options=hessian_options)
+                             cost_log=run.costs, hessian_options=hessian_options, params=_union(blocks))
         run.update_blocks(ba)
+
+
+def _union(blocks: dict[str, Any]) -> list[Any] | None:
+    """Every item of the parameter blocks (None when one of them is the whole model)."""
+    if any(p is None for p in blocks.values()):
+        return None
+    items: list[Any] = []
+    for p in blocks.values():
+        items.extend(p if isinstance(p, (list, tuple)) else [p])
+    return items
 
 
 class _AnalysisRun:

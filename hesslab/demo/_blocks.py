@@ -36,26 +36,27 @@ class BlocksAnalysis:
     errors: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
-def _block_sizes(model: nn.Module) -> list[int]:
+def _block_sizes(model: nn.Module, params: Any = None) -> list[int]:
     from hesslab.analysis.block_spectra import default_blocks
 
-    params = dict(model.named_parameters())
-    return [int(b.index.numel()) if b.index is not None else sum(params[p].numel() for p in b.params)
-            for b in default_blocks(model)]
+    named = dict(model.named_parameters())
+    return [int(b.index.numel()) if b.index is not None else sum(named[p].numel() for p in b.params)
+            for b in default_blocks(model, params)]
 
 
 def blocks_analysis(label: str, model: nn.Module, loss_fn: Callable[..., torch.Tensor] | None, data: Any, *,
                     num_steps: int, num_probes: int, seed: int, store: Any, stages: Stages, cost_log: CostLog,
-                    hessian_options: dict[str, Any] | None = None) -> BlocksAnalysis:
-    """:func:`hesslab.block_spectra` over the default blocks, its cost logged first (one
-    product of the whole Hessian is timed: a block product costs about as much), saved to
-    ``store`` as ``<label>/block_spectra``; a failure is recorded, not raised."""
+                    hessian_options: dict[str, Any] | None = None, params: Any = None) -> BlocksAnalysis:
+    """:func:`hesslab.block_spectra` over the default blocks (those over ``params`` only,
+    when given: ``analyze --params``), its cost logged first (one product of the whole
+    Hessian is timed: a block product costs about as much), saved to ``store`` as
+    ``<label>/block_spectra``; a failure is recorded, not raised."""
     import hesslab as hl
 
     ba = BlocksAnalysis(label)
     options = {k: v for k, v in (hessian_options or {}).items() if k != "params"}
     with guard(ba.errors, "blocks", stages):
-        sizes = _block_sizes(model)
+        sizes = _block_sizes(model, params)
         steps = [max(1, min(num_steps, n)) for n in sizes]
         op = hl.Hessian(model, loss_fn, data, **options)
         itemsize = torch.empty((), dtype=op.dtype).element_size()
@@ -65,7 +66,7 @@ def blocks_analysis(label: str, model: nn.Module, loss_fn: Callable[..., torch.T
         with stages.stage(f"{label}: per-block spectra ({len(sizes)} blocks, {num_probes} probes × "
                           f"{num_steps} steps)"):
             ba.result = hl.block_spectra(model, loss_fn, data, num_steps=num_steps, num_probes=num_probes,
-                                         seed=seed, **options)
+                                         seed=seed, params=params, **options)
         store.save(f"{label}/block_spectra", ba.result)
         stages.log(f"  {label}: blocks: heterogeneity {ba.result.heterogeneity:.3f} over {len(sizes)} blocks")
     return ba

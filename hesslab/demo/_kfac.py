@@ -159,7 +159,7 @@ def kfac_analysis(
                 cost_log.start(exact, f"{label}: layer {name}", {
                     "products": (steps or min(sizes[name], max(300, 40 * kk))) + kk,
                     "memory_bytes": ((steps or min(sizes[name], max(300, 40 * kk))) + 1) * sizes[name] * 8})
-            _compare_layer(out, name, kk, exact, tuple(modules[name].weight.shape), num_classes, seed, tol,
+            _compare_layer(out, name, kk, exact, modules[name], num_classes, seed, tol,
                            stages, _saver(store, label), steps)
         if on_layer is not None:
             on_layer(out)
@@ -174,7 +174,21 @@ def _saver(store: Any, label: str) -> Callable[..., None]:
     return save
 
 
-def _compare_layer(out: KfacAnalysis, name: str, kk: int, exact_op: Any, weight_shape: tuple[int, ...],
+def _as_matrix_layout(vecs: torch.Tensor, module: nn.Module) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Layer vectors (m, k) in the model layout -> the layout of the weight as an (out, in, ...)
+    matrix, and that shape: a transformers ``Conv1D`` stores its weight (in, out), so its
+    weight entries are transposed (the singular values, hence the low rank, are the same)."""
+    from hesslab.linops.kfac import is_conv1d
+
+    shape = tuple(module.weight.shape)
+    if not is_conv1d(module):
+        return vecs, shape
+    n_in, n_out = shape
+    W = vecs[: n_in * n_out].reshape(n_in, n_out, -1).transpose(0, 1).reshape(n_in * n_out, -1)
+    return torch.cat([W, vecs[n_in * n_out:]]), (n_out, n_in)
+
+
+def _compare_layer(out: KfacAnalysis, name: str, kk: int, exact_op: Any, module: nn.Module,
                    num_classes: int | None, seed: int, tol: float, stages: Stages, save: Callable[..., None],
                    max_steps: int | None = None) -> None:
     """One layer: the Kronecker top-k against Lanczos on the exact block, then the overlap,
@@ -201,8 +215,8 @@ def _compare_layer(out: KfacAnalysis, name: str, kk: int, exact_op: Any, weight_
     c = num_classes or 10
     info.update(overlap_k1=float(curve.overlaps[0]), overlap_kc=float(curve.overlaps[min(c, curve.overlaps.size) - 1]),
                 overlap_kmax=float(curve.overlaps[-1]), overlap_random=float(curve.random_baseline[-1]))
-    lr_e = eigenvector_low_rank(ex.eigenvectors, weight_shape)
-    lr_k = eigenvector_low_rank(vecs_k, weight_shape)
+    lr_e = eigenvector_low_rank(*_as_matrix_layout(torch.as_tensor(ex.eigenvectors), module))
+    lr_k = eigenvector_low_rank(*_as_matrix_layout(vecs_k, module))
     out.results[f"{disp}/low_rank_exact"] = lr_e
     out.results[f"{disp}/low_rank_kfac"] = lr_k
     save(f"{disp}/low_rank_exact", lr_e)

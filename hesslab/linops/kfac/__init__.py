@@ -118,6 +118,8 @@ are a snapshot of the model when ``KFAC`` (or :meth:`KFAC.update`) ran.
 from __future__ import annotations
 
 from hesslab.linops.kfac._computer import KronFactors, SampleTerms
+from hesslab.linops.kfac._layers import is_conv1d, kronecker_layer_sizes
 from hesslab.linops.kfac._operator import KFAC, KFACFunction, KronEigenpairs, layer_hessian
 
-__all__ = ["KFAC", "KFACFunction", "KronEigenpairs", "KronFactors", "SampleTerms", "layer_hessian"]
+__all__ = ["KFAC", "KFACFunction", "KronEigenpairs", "KronFactors", "SampleTerms", "is_conv1d",
+           "kronecker_layer_sizes", "layer_hessian"]

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from hesslab.errors import HesslabError
 
-__all__ = ["KronLayer", "LayerSpec", "display", "is_conv1d", "layer_perm", "resolve_layers"]
+__all__ = ["KronLayer", "LayerSpec", "display", "is_conv1d", "kronecker_layer_sizes", "layer_perm", "resolve_layers"]
 
 LayerSpec = Union[None, str, nn.Module, Iterable[Union[str, nn.Module]]]
 
@@ -40,7 +40,17 @@ _NAMES = "nn.Linear, nn.Conv2d (groups=1) and transformers' Conv1D"
 def is_conv1d(m: nn.Module) -> bool:
     """transformers' ``Conv1D`` (GPT-2), recognised without importing transformers."""
     return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and getattr(m, "weight", None) is not None
+
+
 _GLOB_CHARS = set("*?[")
+
+
+def kronecker_layer_sizes(model: nn.Module) -> dict[str, int]:
+    """``{module name: parameters}`` of the modules of a type KFAC factors (nn.Linear,
+    nn.Conv2d, transformers' Conv1D), in module order; whether each one is used (tied
+    weights, groups, calls per forward) is decided when ``KFAC`` runs."""
+    return {n: sum(p.numel() for p in m.parameters(recurse=False)) for n, m in model.named_modules()
+            if isinstance(m, _SUPPORTED) or is_conv1d(m)}
 
 
 @dataclass
