@@ -37,8 +37,8 @@ NOTES = {
         "for make bench). Accuracy: top-10 against a float64 hesslab Lanczos run (tol 1e-10) on the float64 copy "
         "of the model; trace and SLQ have no exact reference at this size, so every tool with the same budget "
         "(Hutchinson, 100 Rademacher products; SLQ 90 steps) counts as equally accurate (error '–'). One timed "
-        "run each (the products dominate, so repeats change little) after a small warm-up. resnet128's SLQ "
-        "uses 1 probe (90 products per tool), its defaults rows and PyHessian's top-10 on it are skipped, to keep "
+        "run each (the products dominate, so repeats change little) after a small warm-up. SLQ uses 2 probes "
+        "on cnn512 and 1 on resnet128 (90 x 2 and 90 products per tool), resnet128's defaults rows and PyHessian's top-10 on it are skipped, to keep "
         "the added time of make bench near 8 minutes."
     ),
     "settings": (

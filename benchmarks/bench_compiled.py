@@ -98,7 +98,8 @@ def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--models", default=None, help="comma separated: mlp, cnn512, resnet, resnet18 "
                    "(default mlp,cnn512 on the CPU, resnet18 on CUDA)")
-    p.add_argument("--operators", default="Hessian,GGN")
+    p.add_argument("--operators", default=None, help="Hessian,GGN (default: both on the MLP, the Hessian on the "
+                   "others, to keep make bench short)")
     p.add_argument("--backend", default="inductor", help="torch.compile backend (inductor is what compile=True uses)")
     args = p.parse_args()
     cuda = args.device.startswith("cuda")
@@ -111,7 +112,7 @@ def main() -> None:
     rows = []
     for name in models:
         model, data = build(name, args.quick, args.device)
-        for operator in args.operators.split(","):
+        for operator in (args.operators or ("Hessian,GGN" if name == "mlp" else "Hessian")).split(","):
             row = dict(model=name, **measure(model, data, operator, args.device, repeats, args.backend))
             row["loadavg"] = os.getloadavg()
             print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
