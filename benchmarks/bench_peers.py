@@ -59,8 +59,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import OUT, environment, parser, table, write_json  # noqa: E402
 from _peers_adapters import _flat, can_reset_peak  # noqa: E402
 from _peers_config import (  # noqa: E402
-    DEFAULTS_DIFFER, DEFAULTS_WORKLOADS, DISTRIBUTIONS, SKIPPED, ERROR_LABEL, LANCZOS_TOL, MODULES, NOTES, PRODUCT_WORKLOADS, SUPPORT, TASK_LABEL,
-    TASKS, TOOL_TASKS, TOOLS,
+    DEFAULTS_DIFFER, DEFAULTS_WORKLOADS, DISTRIBUTIONS, ERROR_LABEL, LANCZOS_TOL, MODULES, NOTES, PRODUCT_WORKLOADS,
+    REFERENCE, SKIPPED, SUPPORT, TASK_LABEL, TASKS, TOOL_TASKS, TOOLS,
 )
 from _peers_targets import add_ratios, load_compiled, render_targets, targets  # noqa: E402
 from _peers_worker import worker  # noqa: E402
@@ -158,12 +158,13 @@ def build_workloads(names: list[str], quick: bool, resnet_batch: int, resnet18_b
             lam = e.eigenvalues.numpy()
             entry["exact"] = {"eigenvalues": lam, "top": lam[:10], "trace": float(lam.sum())}
             entry["exact_seconds"] = time.perf_counter() - t1
-        elif name in PRODUCT_WORKLOADS:  # top-10 reference: float64 Lanczos on the float64 copy
+        elif name in REFERENCE:  # the top-10 reference of a product workload (float64 Lanczos)
             t1 = time.perf_counter()
-            model64 = copy.deepcopy(model).double()
-            data64 = (data[0].double(), data[1])
-            r = hl.lanczos(hl.Hessian(model64, nn.CrossEntropyLoss(), data64), k=10, which="LA", tol=1e-10,
-                           progress=False)
+            dt = REFERENCE[name]["dtype"]
+            ref_model = copy.deepcopy(model).to(dt)
+            ref_data = (data[0].to(dt), data[1])
+            r = hl.lanczos(hl.Hessian(ref_model, nn.CrossEntropyLoss(), ref_data), k=10, which="LA",
+                           tol=REFERENCE[name]["tol"], seed=REFERENCE[name]["seed"], progress=False)
             entry["exact"] = {"top": r.eigenvalues.numpy()[:10]}
             entry["exact_seconds"] = time.perf_counter() - t1
         entry["setup_seconds"] = time.perf_counter() - t0
