@@ -7,9 +7,12 @@ Workloads (random init, fixed seeds, eval mode, float32, no download):
             eager attention: twice differentiable)), next-token cross-entropy on random
             token ids, batch 16 x 128 tokens (--gpt2-batch, --gpt2-seq).
 Tasks: one product (median of 5 after a warm-up), top-10 eigenvalues, SLQ 90 steps x 8
-probes, Hutchinson trace with 100 products.
+probes, Hutchinson trace with 100 products; for hesslab also "compiled product": the same
+single product with ``compile=True`` (inductor) against the eager kept graph, with the
+compile time and the products after which it pays back (bench_compiled.measure; issue 15:
+curvlinops measured 4.6x on a ResNet-18 on a GPU, unmeasured here so far).
 Tools: hesslab always; PyHessian, hessian-eigenthings and curvlinops when they import
-(through the adapters of bench_peers.py, lazily; a missing one is skipped and named).
+(through bench_peers' adapters, _peers_adapters.py, lazily; a missing one is skipped and named).
 
 Figures per (model, tool, task): wall seconds (CUDA synchronised), products, and the
 share of the time spent outside the products. For hesslab the operator's products are
@@ -202,7 +205,26 @@ def run_hesslab(model, loss, data, device: str, sz: dict, budget) -> list[dict]:
     task("top10", top)
     task("slq", slq)
     task("trace", trace)
+    if isinstance(loss, nn.CrossEntropyLoss):  # the ResNet: where curvlinops measured compilation
+        rows.append(compiled_product_row(model, loss, data, device, budget))
     return rows, ref
+
+
+def compiled_product_row(model, loss, data, device: str, budget) -> dict:
+    """hesslab's compiled single product against the eager kept graph (bench_compiled.measure)."""
+    if budget.spent():
+        return {"task": "compiled product", "skipped": "time budget"}
+    from bench_compiled import measure
+
+    backend = "inductor" if device.startswith("cuda") else "aot_eager"  # CPU: the smoke test's path check
+    try:
+        r = measure(model, data, "Hessian", device, 1 if REPEATS == 1 else 5, backend, loss=loss)
+    except Exception as exc:  # a failed compile is a result
+        return {"task": "compiled product", "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+    return {"task": "compiled product", "seconds": r["compiled_ms"] / 1e3, "products": 1, "outside_products_share": 0.0,
+            "eager_seconds": r["eager_ms"] / 1e3, "compiled_vs_eager": r["ratio"], "compile_seconds": r["compile_s"],
+            "break_even_products": r["break_even"], "accuracy": r["rel_diff"],
+            "accuracy_kind": "relative difference to eager", "fallback": r["fallback"], "backend": backend}
 
 
 # ---------------------------------------------------------------------------- peers
@@ -224,9 +246,9 @@ def wasserstein1(a, b) -> float:
 
 
 def run_peer(tool: str, model, loss, data, device: str, sz: dict, ref: dict, budget) -> list[dict]:
-    import bench_peers
+    import _peers_adapters
 
-    adapter = bench_peers.ADAPTERS[tool](model, loss, data, device)
+    adapter = _peers_adapters.ADAPTERS[tool](model, loss, data, device)
     rows = [{"task": "product", "seconds": single_product_seconds(adapter.hvp_fn(), device), "products": 1,
              "outside_products_share": 0.0}]
     t1 = rows[0]["seconds"]

@@ -66,6 +66,7 @@ from torch import Tensor, nn
 
 from hesslab.errors import HesslabError
 from hesslab.linops._base import LinearOperator
+from hesslab.linops._compiled import COMPILED, compile_setup, compiled_batch_product
 from hesslab.linops._fdcheck import Difference, check_first_product
 from hesslab.linops._finite_difference import METHOD as _FD, fd_batch_product, fd_setup
 from hesslab.linops._model import ModelData, all_reduce_sum_, distributed_active
@@ -156,6 +157,8 @@ class CurvatureOperator(LinearOperator):
             when autograd's second derivatives are wrong (a backward that is not itself
             differentiable); see :mod:`hesslab.linops._fdcheck`. Costs about two gradient
             passes over one batch, once.
+        compile: ``"auto"`` (by rule: eager), ``True`` (inductor), ``False`` or a
+            ``torch.compile`` backend: the batch product compiled, see ``_compiled``.
 
     Attributes:
         notes: What hesslab decided for this model, e.g. that products run under the math
@@ -196,6 +199,7 @@ class CurvatureOperator(LinearOperator):
         batch_size_fn: Callable[[Any, Tensor], int] | None = None,
         check_derivatives: bool = True,
         seed: int = 0,
+        compile: bool | str = "auto",
     ):
         model, params = unwrap_model(model, params)
         method = fsdp_setup(model, type(self), method, dtype, fd_dtype)  # FSDP2: finite differences
@@ -230,6 +234,7 @@ class CurvatureOperator(LinearOperator):
         self._reuse = md.single and reuse_graph in ("auto", True) and method not in ("func", _FD)
         self._path = method if method in ("func", _FD) else "autograd"
         fd_setup(self, method, fd_dtype)
+        compile_setup(self, compile, method, reuse_graph)
         self._column_mode = _column_rule(batched_columns, self.device)
         self.column_fallback: str | None = None
         self._state: _State | None = None
@@ -355,6 +360,8 @@ class CurvatureOperator(LinearOperator):
             return self._apply_state(self._state, Vs)
         if self._path == _FD:
             return fd_batch_product(self, inputs, targets, Vs)
+        if self._path == COMPILED:
+            return compiled_batch_product(self, inputs, targets, Vs)
         selected, others = self._tensors()
         if self._path == "func":
             out = self._func_product(selected, others, inputs, targets, Vs)

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from hesslab.errors import HesslabError
+from hesslab.linops._compiled import reverse_hvp
 from hesslab.linops._curvature import CurvatureOperator, _State
 from hesslab.linops._fdcheck import ggn_difference, hessian_difference
 from hesslab.linops._lmloss import LossHead, apply_cross_entropy
@@ -60,6 +61,7 @@ class Hessian(CurvatureOperator):
 
     _difference = staticmethod(hessian_difference)
     finite_difference_supported = True  # method="finite_difference" (_finite_difference)
+    _compiled_form = reverse_hvp  # compile=: reverse-over-reverse (_compiled)
 
     def _func_product(self, selected, others, inputs, targets, Vs):
         def loss_of(p: dict[str, Tensor], t: Tensor) -> Tensor:
@@ -144,6 +146,7 @@ class GGN(CurvatureOperator):
         self._auto_func = (
             auto and not self.train_mode and kwargs.get("reuse_graph", "auto") is not True
             and self._md.head.recognises_cross_entropy() and self._large()
+            and self.compiled is None
         )
         if self._auto_func:
             self._path, self._reuse, self._state = "func", False, None
