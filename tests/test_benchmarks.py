@@ -99,3 +99,19 @@ def test_compiled_benchmark_quick_run_matches_eager(tmp_path):
         assert x["rel_diff"] < 1e-5 and x["compiles"] == 1 and x["fallback"] is None
         assert x["eager_path"] == "graph" and x["compiled_path"] == "compiled" and x["eager_ms"] > 0
     assert "| model | device | operator |" in r.stdout
+
+
+@pytest.mark.skipif(not (BENCH / "bench_scaling.py").exists(), reason="needs a source checkout")
+def test_scaling_benchmark_quick_run_counts_two_all_reduces_per_lanczos_step(tmp_path):
+    out = tmp_path / "scaling.json"
+    r = subprocess.run([sys.executable, str(BENCH / "bench_scaling.py"), "--quick", "--worlds", "1,2", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert [row["world"] for row in data["rows"]] == [1, 2]
+    for row in data["rows"]:
+        assert row["product_ms"] > 0 and row["step_ms"] > 0
+        assert sum(rank["n_local"] for rank in row["ranks"]) == row["n"]  # the shards tile the parameters
+        for rank in row["ranks"]:  # 2 per step, plus the start norm and the step-0 fingerprint
+            assert rank["solver_all_reduces"] == 2 * rank["products"] + 2
+    assert "| ranks |" in r.stdout

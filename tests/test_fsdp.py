@@ -130,9 +130,7 @@ def _gpt_reference(world: int, V: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------ what the ranks run
 def _local(H: Hessian, V: torch.Tensor) -> torch.Tensor:
     """This rank's part of the global block V (n, b): the entries its layout maps to."""
-    sh = H.shards
-    start = sum(sh.local_sizes[: sh.rank])
-    return V[sh.layout[start: start + H.shape[0]]]
+    return V[H.shards.index()]
 
 
 def _products(H: Hessian) -> dict[str, object]:

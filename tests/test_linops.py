@@ -18,7 +18,7 @@ from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
 
 from hesslab.errors import HesslabError
-from hesslab.linops import GGN, DenseOperator, Hessian, LinearOperator
+from hesslab.linops import GGN, DenseOperator, Hessian, LinearOperator, SubblockOperator
 from tests.models import classification_data, cnn, image_data, linear_net, mlp, regression_data
 
 RTOL = 1e-10
@@ -784,3 +784,15 @@ def test_ggn_cross_entropy_closed_form_equals_double_backward():
     with pytest.raises(HesslabError, match="output_curvature"):
         G = GGN(mlp(), MSE, regression_data(), output_curvature="analytic")
         G @ torch.ones(G.shape[0], dtype=torch.float64)
+
+
+def test_a_sharded_operator_refuses_local_matrices_and_subblocks():
+    from hesslab.linops._shards import Shards
+
+    A = DenseOperator(torch.eye(4, dtype=torch.float64))
+    A.shards = Shards(0, 2, (4, 3))  # this rank's 4 of 7 entries
+    for build in (A.to_dense, A.to_scipy, lambda: SubblockOperator(A, torch.arange(2))):
+        with pytest.raises(HesslabError, match="sharded over 2 ranks"):
+            build()
+    with pytest.raises(HesslabError, match="sharded differently"):
+        A + DenseOperator(torch.eye(4, dtype=torch.float64))

@@ -128,6 +128,7 @@ class LinearOperator:
         :meth:`matmat` and converts back, so scipy's ``eigsh`` and friends can serve as
         reference solvers.
         """
+        self._refuse_sharded("to_scipy")
         from scipy.sparse.linalg import LinearOperator as ScipyLinearOperator
 
         def _mm(X: np.ndarray) -> np.ndarray:
@@ -154,6 +155,7 @@ class LinearOperator:
         Raises:
             HesslabError: n > max_size.
         """
+        self._refuse_sharded("to_dense")
         n = self.shape[0]
         if n > max_size:
             raise HesslabError(
@@ -170,6 +172,14 @@ class LinearOperator:
             E[torch.arange(start, stop), torch.arange(stop - start)] = 1
             out[:, start:stop] = self.matmat(E)
         return out
+
+    def _refuse_sharded(self, what: str) -> None:
+        if self.shards is not None:
+            raise HesslabError(
+                f"{what}: the operator is sharded over {self.shards.world} ranks (its vectors are this rank's "
+                "shards), so a local matrix would mean nothing; use hl.lanczos, hl.spectral_density or hl.trace, "
+                "which reduce over the ranks, and op.shards.gather(v) for a whole vector"
+            )
 
     # ------------------------------------------------------------------- algebra
     def _check_compatible(self, other: LinearOperator) -> None:
@@ -303,7 +313,7 @@ class DenseOperator(LinearOperator):
 
     def to_dense(self, max_size: int = 4096, chunk_size: int = 256) -> Tensor:
         n = self.shape[0]
-        if n > max_size:
+        if n > max_size or self.shards is not None:
             return super().to_dense(max_size, chunk_size)  # raises with the message
         return self.matrix.clone()
 
@@ -387,6 +397,7 @@ class SubblockOperator(LinearOperator):
     """
 
     def __init__(self, op: LinearOperator, index: Tensor):
+        op._refuse_sharded("SubblockOperator")
         index = torch.as_tensor(index, dtype=torch.long, device=op.device).reshape(-1)
         if index.numel() == 0 or int(index.min()) < 0 or int(index.max()) >= op.shape[0]:
             raise HesslabError(f"index: expected positions in [0, {op.shape[0]}), got {index.numel()} entries")

@@ -8,9 +8,9 @@ default group. ``Hessian(model, loss_fn, local_data)`` on such a model is sharde
   ``named_parameters()`` order, of ``p.to_local()`` flattened row-major; the operator's
   ``shape`` is the local (n_r, n_r) and ``param_shapes`` are the local shard shapes;
 * ``shards`` (:class:`~hesslab.linops._shards.Shards`) carries the local sizes of every
-  rank and ``layout``: for every entry of the rank-major concatenation of the local
-  shards, its index in the unsharded model's flat vector (parameter by parameter, each
-  flattened whole), so ``shards.gather(v)`` is the vector of the unsharded model;
+  rank and ``index``: for each of this rank's entries, its position in the unsharded
+  model's flat vector (parameter by parameter, each flattened whole), computed only when
+  vectors are gathered, so ``shards.gather(v)`` is the vector of the unsharded model;
 * the product is H v of the global mean loss L = (1/N) Σ_r Σ_k n_k L_k over every
   rank's batches (N all ranks' samples, uneven shards weighted by their sizes).
 
@@ -44,7 +44,7 @@ that select different parameters (the same message on every rank).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import functools
 import math
 import sys
 import zlib
@@ -255,32 +255,30 @@ def block_indices(shape: Sequence[int], block: Sequence[int], start: Sequence[in
     return idx.reshape(-1)
 
 
-def _layout(tensors: Sequence[Tensor], shapes: Sequence[torch.Size], shards: Shards) -> Tensor:
-    """For every entry of the rank-major concatenation of local shards, its global index.
+def _placement(tensors: Sequence[Tensor], shapes: Sequence[torch.Size]) -> list[tuple]:
+    """Per selected parameter: (global shape, local shape, global offset of the local block).
 
     The global vector is the unsharded model's flat layout: the selected parameters in
-    order, each flattened row-major. Built from each rank's own indices (one all-reduce
-    of n floats); checked to be a permutation of range(n).
+    order, each flattened row-major; a rank's entries are its local blocks, in order.
     """
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    parts, offset = [], 0
+    out = []
     for t, shape in zip(tensors, shapes):
         local, start = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
         if tuple(local) != tuple(shape):  # pragma: no cover - FSDP2 and DTensor chunk alike
             raise HesslabError(f"params: a shard of shape {tuple(shape)} where DTensor says {local}")
-        parts.append(block_indices(t.shape, shape, start) + offset)
-        offset += t.numel()
-    mine = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
-    start = sum(shards.local_sizes[: shards.rank])
-    full = torch.zeros(shards.global_size, dtype=torch.float64)
-    full[start: start + mine.numel()] = mine.double()
-    layout = all_reduce_sum_(full).round().long()
-    if shards.global_size != offset or not bool(
-        (torch.bincount(layout, minlength=offset) == 1).all()
-    ):  # pragma: no cover - a placement the checks above let through
-        raise HesslabError("params: the ranks' shards do not tile the parameters (unsupported)")
-    return layout
+        out.append((tuple(t.shape), tuple(shape), tuple(start)))
+    return out
+
+
+def _global_index(placement: list[tuple]) -> Tensor:
+    """For each of this rank's entries, its position in the global vector ((n_r,) int64)."""
+    parts, offset = [], 0
+    for full, shape, start in placement:
+        parts.append(block_indices(torch.Size(full), torch.Size(shape), start) + offset)
+        offset += math.prod(full)
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
 
 
 # ------------------------------------------------------------------ the operator's part
@@ -297,8 +295,11 @@ class ShardedParameters:
         self.modules = _fsdp_modules(op.model)
         op._md.own_call = True  # the model's own forward (and its buffers restored after each use)
         _check_selection(op.param_names, tensors)
-        shards = Shards.from_local(op.shape[0])
-        op.shards = dataclasses.replace(shards, layout=_layout(tensors, op.param_shapes, shards))
+        placement = _placement(tensors, op.param_shapes)
+        op.shards = Shards.from_local(op.shape[0], index=functools.partial(_global_index, placement),
+                                      signature=repr(placement))
+        if op.shards.global_size != sum(math.prod(full) for full, _, _ in placement):
+            raise HesslabError("params: the ranks' shards do not tile the parameters (unsupported placement)")
 
     @classmethod
     def attach(cls, op: CurvatureOperator, tensors: Sequence[Tensor]) -> ShardedParameters | None:

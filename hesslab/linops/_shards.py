@@ -8,14 +8,18 @@ vector it stands for has n = Σ_r n_r entries. Whatever combines entries across 
 (:meth:`Shards.seed`), so the shards of a random vector are independent. An operator that
 is not sharded has ``shards = None`` and the solvers skip all of this.
 
-The global vector is the rank-major concatenation of the local shards, permuted by
-``layout`` when the operator's own order is another one (FSDP2: parameter by parameter,
-each parameter's rows split over the ranks): :meth:`Shards.gather` assembles it on one rank.
+The global vector is the rank-major concatenation of the local shards, or, when the
+operator's own order is another one (FSDP2: parameter by parameter, each parameter's rows
+split over the ranks), the order given by ``index``: for this rank's entries, their
+positions in the global vector. ``index`` is a function, called only by :meth:`Shards.gather`,
+so no rank ever holds O(n) layout data (8n bytes would be 56 GB for a 7B model); checkpoints
+identify the layout by ``signature``, a short description of it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -34,15 +38,19 @@ class Shards:
         rank: This rank.
         world: The number of ranks.
         local_sizes: n_r for every rank (the local length of a vector).
-        layout: None when the global vector is the rank-major concatenation of the
-            shards; else, for every entry of that concatenation, its index in the global
-            vector (a permutation of range(n), int64).
+        index: None when the global vector is the rank-major concatenation of the
+            shards; else a function returning, for each of this rank's n_r entries, its
+            position in the global vector (int64, (n_r,)); over the ranks these tile
+            range(n). Called only when vectors are gathered.
+        signature: A short description of the layout (equal for equal layouts), used
+            to compare operators and to identify checkpoints.
     """
 
     rank: int
     world: int
     local_sizes: tuple[int, ...]
-    layout: Tensor | None = None
+    index: Callable[[], Tensor] | None = field(default=None, compare=False, repr=False)
+    signature: str = ""
 
     @property
     def global_size(self) -> int:
@@ -50,15 +58,15 @@ class Shards:
         return sum(self.local_sizes)
 
     @classmethod
-    def from_local(cls, local_size: int, layout: Tensor | None = None) -> Shards:
-        """The layout of vectors with ``local_size`` entries on this rank (one all-gather)."""
+    def from_local(cls, local_size: int, index: Callable[[], Tensor] | None = None, signature: str = "") -> Shards:
+        """The layout of vectors with ``local_size`` entries on this rank (one all-reduce)."""
         if not distributed_active():
             raise HesslabError("sharded vectors need torch.distributed: call init_process_group first")
         world = torch.distributed.get_world_size()
         sizes = torch.zeros(world, dtype=torch.float64)
         sizes[torch.distributed.get_rank()] = float(local_size)
         all_reduce_sum_(sizes)
-        return cls(torch.distributed.get_rank(), world, tuple(int(s) for s in sizes.tolist()), layout)
+        return cls(torch.distributed.get_rank(), world, tuple(int(s) for s in sizes.tolist()), index, signature)
 
     def reduce_(self, t: Tensor) -> Tensor:
         """Sum the local partial sums ``t`` over the ranks, in place; returns ``t``."""
@@ -71,28 +79,35 @@ class Shards:
     def gather(self, V: Tensor, dst: int = 0) -> Tensor | None:
         """The global (n, ...) tensor on rank ``dst`` from every rank's local (n_r, ...) ``V``.
 
-        Every rank must call it (one all-gather); ranks other than ``dst`` get None.
+        Every rank must call it (one all-gather, two with an ``index``); ranks other than
+        ``dst`` get None.
         Meant for small models: rank ``dst`` holds n × ... entries.
         """
         if V.shape[0] != self.local_sizes[self.rank]:
             raise HesslabError(
                 f"V: expected the local shard with {self.local_sizes[self.rank]} rows, got {tuple(V.shape)}"
             )
+        index = None if self.index is None else self.index().to(torch.int64)
         if not distributed_active():  # one rank in process (Shards(0, 1, (n,))): nothing to gather
-            if self.layout is None:
-                return V.clone()
-            return V.new_empty(V.shape).index_copy_(0, self.layout.to(V.device), V)
+            return V.clone() if index is None else V.new_empty(V.shape).index_copy_(0, index.to(V.device), V)
         dev = collective_device()
         width = max(self.local_sizes)
-        buf = V.new_zeros((width, *V.shape[1:]), device=dev)
-        buf[: V.shape[0]] = V.to(dev)
-        parts = [torch.empty_like(buf) for _ in range(self.world)]
-        torch.distributed.all_gather(parts, buf)
+        parts = _all_gather_padded(V.to(dev), width, self.world)
+        if index is not None:
+            positions = _all_gather_padded(index.to(dev), width, self.world)
         if self.rank != dst:
             return None
         flat = torch.cat([p[:s] for p, s in zip(parts, self.local_sizes)]).to(V.device)
-        if self.layout is None:
+        if index is None:
             return flat
-        out = torch.empty_like(flat)
-        out[self.layout.to(V.device)] = flat
-        return out
+        where = torch.cat([p[:s] for p, s in zip(positions, self.local_sizes)]).to(V.device)
+        return torch.empty_like(flat).index_copy_(0, where, flat)
+
+
+def _all_gather_padded(t: Tensor, width: int, world: int) -> list[Tensor]:
+    """Every rank's ``t`` (first dimension at most ``width``), padded to ``width`` rows."""
+    buf = t.new_zeros((width, *t.shape[1:]))
+    buf[: t.shape[0]] = t
+    parts = [torch.empty_like(buf) for _ in range(world)]
+    torch.distributed.all_gather(parts, buf)
+    return parts

@@ -57,8 +57,7 @@ def operator_signature(op: LinearOperator) -> str:
              None if shapes is None else tuple(tuple(int(d) for d in s) for s in shapes)]
     shards = op.shards
     if shards is not None:  # the unsharded signature is unchanged (its old checkpoints stay valid)
-        layout = None if shards.layout is None else hashlib.sha256(shards.layout.cpu().numpy().tobytes()).hexdigest()
-        parts.append(("shards", shards.rank, shards.world, tuple(shards.local_sizes), layout))
+        parts.append(("shards", shards.rank, shards.world, tuple(shards.local_sizes), shards.signature))
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
 
