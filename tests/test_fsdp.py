@@ -24,6 +24,8 @@ import datetime
 import math
 from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
 import torch.distributed as dist
 from hypothesis import given, settings
@@ -236,7 +238,21 @@ def _errors_job(rank: int, world: int) -> dict[str, str | None]:
     return out
 
 
-JOBS = {"mlp": _mlp_job, "gpt": _gpt_job, "errors": _errors_job,
+def _solvers_job(rank: int, world: int) -> dict[str, object]:
+    """lanczos, trace and (2 ranks) spectral_density on the sharded MLP's Hessian."""
+    import hesslab as hl
+
+    H = Hessian(_sharded_mlp(), CE, _mlp_data(rank, world))
+    top = hl.lanczos(H, k=3, seed=1)
+    out = {"eigenvalues": top.eigenvalues, "converged": top.converged,
+           "vectors": hl.gather_shards(H, top.eigenvectors, dst=0),
+           "trace": hl.trace(H, num_matvecs=40 if world == 2 else 20, method="hutchinson", seed=2)}
+    if world == 2:
+        out["density"] = hl.spectral_density(H, num_steps=12, num_probes=6, seed=3)
+    return out
+
+
+JOBS = {"mlp": _mlp_job, "gpt": _gpt_job, "errors": _errors_job, "solvers": _solvers_job,
         "both": lambda r, w: {"mlp": _mlp_job(r, w), "gpt": _gpt_job(r, w)}}
 
 
@@ -333,6 +349,35 @@ def test_four_ranks_with_empty_shards_match_the_unsharded_hessian(tmp_path):
     outs = _run("both", 4, tmp_path)
     _check_mlp([o["mlp"] for o in outs])
     _check_gpt([o["gpt"] for o in outs])
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_solvers_on_the_sharded_hessian_match_the_dense_unsharded_one(world, tmp_path):
+    """Top-k eigenpairs, the trace and SLQ moments of the sharded MLP against numpy's eigh of
+    the dense float64 Hessian of the unsharded model over all the data (one process)."""
+    outs = _run("solvers", world, tmp_path)
+    H = _mlp_reference(world)["H"].numpy()
+    lam, U = np.linalg.eigh(H)
+    scale = np.abs(lam).max()
+    first = outs[0]
+    for out in outs[1:]:  # the same all-reduced scalars on every rank: bitwise equal results
+        assert np.array_equal(out["eigenvalues"], first["eigenvalues"])
+        assert out["trace"].value == first["trace"].value
+        if "density" in first:
+            assert np.array_equal(out["density"].nodes, first["density"].nodes)
+        assert out["vectors"] is None  # gathered on rank 0 only
+    assert first["converged"].all()
+    np.testing.assert_allclose(first["eigenvalues"], lam[::-1][:3], rtol=0, atol=100 * BOUND * scale)
+    overlap = np.abs(U[:, ::-1][:, :3].T @ first["vectors"].numpy())  # up to sign; the top 3 are simple
+    np.testing.assert_allclose(np.diag(overlap), 1.0, atol=1e-6)
+    tr = first["trace"]
+    assert abs(tr.value - np.trace(H)) <= 5 * tr.std_error
+    if "density" in first:
+        d = first["density"]
+        for p in (1, 2):  # per probe Σ w θ^p estimates tr(H^p)/n
+            per_probe = (d.weights * d.nodes ** p).sum(axis=1)
+            exact = np.trace(np.linalg.matrix_power(H, p)) / H.shape[0]
+            assert abs(per_probe.mean() - exact) <= 5 * per_probe.std(ddof=1) / np.sqrt(len(per_probe)) + 1e-9 * scale ** p
 
 
 def test_bad_input_gives_the_same_error_on_every_rank(tmp_path):
