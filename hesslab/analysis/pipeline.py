@@ -238,7 +238,9 @@ class _Run:
                  on_progress: Callable[[Measurements], None] | None = None,
                  on_start: Callable[[str, dict[str, Any]], None] | None = None):
         self.op = op
-        self.n = int(op.shape[0])
+        shards = getattr(op, "shards", None)  # sharded: n is the global size, the basis is the local part
+        self.n_local = int(op.shape[0])
+        self.n = int(shards.global_size) if shards is not None else self.n_local
         self.options = options
         self.k, self.k_top, self.seed, self.progress = int(k), k_top, int(seed), progress
         self.stage = stage or (lambda what: contextlib.nullcontext())
@@ -305,7 +307,7 @@ class _Run:
             m = self.trace_options().get("num_matvecs")
             products = int(m) if isinstance(m, int) else 0
             vectors = products // 3 + 1 if self.trace_options().get("method") == "hutch++" else 1
-        return {"products": products, "memory_bytes": vectors * self.n * item, "what": what or name}
+        return {"products": products, "memory_bytes": vectors * self.n_local * item, "what": what or name}
 
     # ------------------------------------------------------------------- measures
     def num_top(self) -> int:
