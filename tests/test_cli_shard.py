@@ -71,8 +71,8 @@ def _eigenvalues(out: Path) -> np.ndarray:
 
 
 @functools.cache
-def _dense() -> np.ndarray:
-    """Eigenvalues (descending) of the dense Hessian of the mean cross-entropy over all 48 samples."""
+def _dense_hessian() -> np.ndarray:
+    """The dense (75, 75) Hessian of the mean cross-entropy over all 48 samples."""
     model = cli_fixtures.tiny_mlp().double()
     X, y = (torch.cat(t) for t in zip(*cli_fixtures.loader()))
     names = [n for n, _ in model.named_parameters()]
@@ -84,7 +84,12 @@ def _dense() -> np.ndarray:
         params = {n: p.reshape(s) for n, p, s in zip(names, parts, shapes)}
         return torch.nn.functional.cross_entropy(torch.func.functional_call(model, params, (X.double(),)), y)
 
-    return np.sort(np.linalg.eigvalsh(torch.func.hessian(f)(theta).numpy()))[::-1]
+    return torch.func.hessian(f)(theta).numpy()
+
+
+def _dense() -> np.ndarray:
+    """Its eigenvalues, descending."""
+    return np.sort(np.linalg.eigvalsh(_dense_hessian()))[::-1]
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +119,9 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path, single, shard):
     rtol = 1e-5 if shard == "fsdp" else 1e-8  # fsdp: finite-difference products
     np.testing.assert_allclose(got, want, rtol=rtol)
     np.testing.assert_allclose(got, _dense()[:K], rtol=max(rtol, 1e-7))
+    V = np.load(tmp_path / "out" / "results" / "model" / "top_k.npz")["eigenvectors"]
+    assert V.shape == (75, K)  # whole eigenvectors (gathered on rank 0), not rank 0's rows
+    assert np.abs(_dense_hessian() @ V - V * got).max() < 1e-5 * got[0]
     summary = _summary(tmp_path / "out")
     assert summary["source"]["world_size"] == 2 and summary["source"]["shard"] == shard
     numbers, exact = summary["models"]["model"], float(_dense().sum())
