@@ -10,6 +10,7 @@ loads these by name, as it loads a user's own factories.
     wrong_shape_loader()  inputs with 5 features instead of 8
     bn_mlp()              8 -> 6 (BatchNorm) -> 3: its Hessian differs in train and eval mode
     broken_factory()      raises
+    rank1_broken_mlp()    tiny_mlp(), except that it raises on torchrun's rank 1 (RANK=1)
     my_cross_entropy      a plain loss function (pkg.module:fn)
     gpt2_tiny()           a GPT-2 from a config (1 layer, 16 wide, vocabulary 32), random init
     lm_loader()           2 dict batches {"input_ids", "labels"} of 2 sequences of 8 tokens
@@ -70,6 +71,14 @@ def wrong_shape_loader() -> DataLoader:
 
 def broken_factory() -> nn.Module:
     raise RuntimeError("this factory is broken on purpose")
+
+
+def rank1_broken_mlp() -> nn.Module:
+    import os
+
+    if os.environ.get("RANK") == "1":
+        raise RuntimeError("this factory fails on rank 1 only")
+    return tiny_mlp()
 
 
 def my_cross_entropy(output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

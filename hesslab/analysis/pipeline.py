@@ -57,6 +57,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "outliers": {},
 }
 
+#: Sharded operators: the top eigenvectors are gathered on rank 0 up to n × k entries.
+GATHER_ENTRIES = 2**26
+
 #: Outliers of the top eigenvalues are looked for when at least this many are positive
 #: (the rule's window of 10 plus two).
 MIN_POSITIVE_FOR_OUTLIERS = 12
@@ -238,7 +241,10 @@ class _Run:
                  on_progress: Callable[[Measurements], None] | None = None,
                  on_start: Callable[[str, dict[str, Any]], None] | None = None):
         self.op = op
-        self.n = int(op.shape[0])
+        shards = getattr(op, "shards", None)  # sharded: n is the global size, the basis is the local part
+        self.sharded = shards is not None
+        self.n_local = int(op.shape[0])
+        self.n = int(shards.global_size) if self.sharded else self.n_local
         self.options = options
         self.k, self.k_top, self.seed, self.progress = int(k), k_top, int(seed), progress
         self.stage = stage or (lambda what: contextlib.nullcontext())
@@ -305,7 +311,7 @@ class _Run:
             m = self.trace_options().get("num_matvecs")
             products = int(m) if isinstance(m, int) else 0
             vectors = products // 3 + 1 if self.trace_options().get("method") == "hutch++" else 1
-        return {"products": products, "memory_bytes": vectors * self.n * item, "what": what or name}
+        return {"products": products, "memory_bytes": vectors * self.n_local * item, "what": what or name}
 
     # ------------------------------------------------------------------- measures
     def num_top(self) -> int:
@@ -320,6 +326,10 @@ class _Run:
 
         options = {"seed": self.seed, "progress": self.progress, **self.options["lanczos"]}
         top = solvers.lanczos(self.op, k=self.num_top(), which="LA", **options)
+        if self.sharded and top.eigenvectors is not None:  # sharded: a rank's rows are no eigenvectors;
+            whole = self.n * top.eigenvectors.shape[1] <= GATHER_ENTRIES  # rank 0 keeps whole ones when they fit
+            top = dataclasses.replace(top, eigenvectors=solvers.gather_shards(self.op, top.eigenvectors)
+                                      if whole else None)
         values: dict[str, Any] = {"eigenvalues": top.eigenvalues, "residuals": top.residuals,
                                   "converged": top.converged, "num_steps": top.num_steps}
         if self.outliers and int((np.asarray(top.eigenvalues) > 0).sum()) >= MIN_POSITIVE_FOR_OUTLIERS:

@@ -29,6 +29,7 @@ from hesslab.errors import HesslabError
 
 from ._analyze import add_analyze_parser, cmd_analyze
 from ._common import add_threads_option, check_common, choose_threads
+from ._distributed import is_rank_zero
 from ._output import EXIT_FAILURE, EXIT_INPUT_ERROR, EXIT_OK, finish
 
 __all__ = ["main", "build_parser", "cmd_analyze", "EXIT_OK", "EXIT_FAILURE", "EXIT_INPUT_ERROR"]
@@ -145,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
             from ._analyze import make_translator
 
             message = make_translator(args)("", message)
-        print(f"hesslab: error: {message}", file=sys.stderr)
+        if is_rank_zero():  # under torchrun every rank has the same error; rank 0 says it
+            print(f"hesslab: error: {message}", file=sys.stderr)
         return EXIT_INPUT_ERROR
     except KeyboardInterrupt:
         out = getattr(args, "out", None)

@@ -4,7 +4,11 @@ message names the CLI's options, not the Python arguments behind them."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import re
+import sys
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -12,7 +16,9 @@ from hesslab.errors import HesslabError
 
 from ._common import add_threads_option, choose_threads, positive_int
 from ._load import LOSSES, MODEL_LOSS, check_first_batch, default_loss, load_checkpoint, load_data, load_loss, load_model
-from ._output import finish
+from ._distributed import (DEFAULT_DIST_TIMEOUT, SHARD_MODES, Launch, agree, agree_status, cast_data,
+                           share_batches, shard_model, start, usable_measures)
+from ._output import exit_status, finish
 
 __all__ = ["add_analyze_parser", "cmd_analyze", "parse_measures", "make_translator", "DEFAULT_MAX_BATCHES",
            "DEFAULT_KFAC_STEPS", "MAX_KFAC_K"]
@@ -149,16 +155,28 @@ def _check_kfac_loss(measures: list[str], loss_fn: Any, loss_name: str | None) -
                            "propagate the Hessian of a known loss); drop kfac from --measures or use one of those")
 
 
-def cmd_analyze(args: argparse.Namespace) -> int:
+@dataclasses.dataclass
+class _Inputs:
+    """What every rank loaded: the (unwrapped) model, loss, this rank's data and the notes."""
+
+    model: Any
+    loss_fn: Any
+    loss_name: str | None
+    data: Any
+    blocks: dict[str, list[str]] | None
+    kfac_layers: Any
+    measures: list[str]
+    options: dict[str, Any]
+    source: dict[str, Any]
+
+
+def _load_inputs(args: argparse.Namespace, measures: list[str], launch: Launch) -> _Inputs:
+    """Model, checkpoint, loss and data, checked on the first batch (no collective)."""
     import torch
 
-    from hesslab.demo import Budget, run_analysis
-
-    measures = parse_measures(args.measures)
-    device = _parse_device(args.device)
     loss_fn, loss_name = load_loss(args.loss) if args.loss else (None, None)
     _check_kfac_loss(measures, loss_fn, loss_name)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # the same model on every rank
     model = load_model(args.model)
     if args.checkpoint:
         load_checkpoint(model, args.checkpoint)
@@ -170,28 +188,65 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     threads = choose_threads(args.threads, num_params)
     if threads is not None:
         torch.set_num_threads(threads)
-    model = model.to(device)
-    data, used = load_data(args.data, device, args.max_batches)
+    options: dict[str, Any] = {"train_mode": bool(args.train_mode)}
+    model = model.to(launch.device)
+    data, used = load_data(args.data, launch.device, args.max_batches)
+    if args.dtype and launch.shard == "fsdp":  # the sharded operator runs in the parameters' dtype
+        model = model.to(getattr(torch, args.dtype))
+        data = cast_data(data, getattr(torch, args.dtype))
+    elif args.dtype:
+        options["dtype"] = getattr(torch, args.dtype)
     if loss_name is None:  # no --loss: the model's own for dict batches with labels
         loss_fn, loss_name = load_loss(default_loss(data))
         _check_kfac_loss(measures, loss_fn, loss_name)
     num_classes = check_first_batch(model, loss_fn, data)
+    local = share_batches(data, used, launch, args.max_batches)
+    note = _data_note(used, args.max_batches)
+    if launch.distributed:
+        note += (f", split over {launch.world} ranks (batch i on rank i % {launch.world}; --shard "
+                 f"{launch.shard})")
+    source = {"model": args.model, "checkpoint": args.checkpoint or "", "data": args.data, "loss": loss_name,
+              "device": str(launch.device), "batches": used["batches"], "samples": used["samples"],
+              "data_used": note, "outputs": num_classes, "mode": "train" if args.train_mode else "eval",
+              "dtype": args.dtype or "the model's", "world_size": launch.world, "shard": launch.shard}
+    return _Inputs(model, loss_fn, loss_name, local, blocks, kfac_layers, measures, options, source)
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    measures = parse_measures(args.measures)
+    launch = start(args, _parse_device(args.device))
+    try:
+        return _run(args, measures, launch)
+    finally:
+        launch.close()
+
+
+def _run(args: argparse.Namespace, measures: list[str], launch: Launch) -> int:
+    """Load on every rank (failures reach every rank), shard, measure; rank 0 writes and prints."""
+    from hesslab.demo import Budget, run_analysis
+
+    speaks = launch.rank == 0 and not args.quiet
+
+    def prepare() -> _Inputs:
+        usable = usable_measures(measures, args.measures.strip() != "all",
+                                 launch, lambda line: print(line, file=sys.stderr) if speaks else None)
+        return _load_inputs(args, usable, launch)
+
+    inputs = agree(launch, prepare)
+    model = shard_model(inputs.model, launch)
     budget = Budget(slq_steps=args.slq_steps, slq_probes=args.slq_probes, trace_matvecs=args.trace_matvecs,
                     layer_k=min(args.k, MAX_KFAC_K), layer_max_steps=args.kfac_steps,
                     slq_reorthogonalize=args.slq_reorthogonalize, blocks_steps=args.blocks_steps,
                     blocks_probes=args.blocks_probes)
-    options: dict[str, Any] = {"train_mode": bool(args.train_mode)}
-    if args.dtype:
-        options["dtype"] = getattr(torch, args.dtype)
-    source = {"model": args.model, "checkpoint": args.checkpoint or "", "data": args.data, "loss": loss_name,
-              "device": str(device), "batches": used["batches"], "samples": used["samples"],
-              "data_used": _data_note(used, args.max_batches), "outputs": num_classes,
-              "mode": "train" if args.train_mode else "eval", "dtype": args.dtype or "the model's"}
-    summary = run_analysis(model, loss_fn, data, measures=measures, out=args.out, k=args.k, seed=args.seed,
-                           label=args.label, loss_name=loss_name, source=source, verbose=not args.quiet,
-                           budget=budget, blocks=blocks, hessian_options=options, kfac_layers=kfac_layers,
-                           translate=make_translator(args))
-    return finish(summary, args, "hesslab analyze")
+    with contextlib.ExitStack() as stack:  # ranks other than 0 write to a folder thrown away
+        out = args.out if launch.rank == 0 else stack.enter_context(tempfile.TemporaryDirectory())
+        summary = run_analysis(model, inputs.loss_fn, inputs.data, measures=inputs.measures, out=out, k=args.k,
+                               seed=args.seed, label=args.label, loss_name=inputs.loss_name, source=inputs.source,
+                               verbose=speaks, progress=None if launch.rank == 0 else False, budget=budget,
+                               blocks=inputs.blocks, hessian_options=inputs.options,
+                               kfac_layers=inputs.kfac_layers, translate=make_translator(args))
+    status = finish(summary, args, "hesslab analyze") if launch.rank == 0 else exit_status(summary)
+    return agree_status(launch, status)
 
 
 def add_analyze_parser(sub: Any) -> None:
@@ -249,6 +304,14 @@ def add_analyze_parser(sub: Any) -> None:
                    help="blocks: Lanczos steps per SLQ probe of each block (capped at its size; default %(default)s)")
     p.add_argument("--blocks-probes", type=positive_int, default=4,
                    help="blocks: SLQ probes per block (default %(default)s)")
+    p.add_argument("--shard", choices=SHARD_MODES, default="none",
+                   help="under torchrun (several processes): none: every rank holds the model, data parallel "
+                        "(default); ddp: the model in DistributedDataParallel; fsdp: FSDP2 fully_shard on every "
+                        "direct child module with parameters, then the root, finite-difference products. Measures: "
+                        "fsdp top_k, density, trace, power_law, outliers; ddp all but kfac. Batch i of the loader "
+                        "goes to rank i %% world; rank 0 writes --out and prints")
+    p.add_argument("--dist-timeout", type=float, default=DEFAULT_DIST_TIMEOUT, metavar="SECONDS",
+                   help="under torchrun: seconds before a collective gives up (default %(default)s)")
     add_threads_option(p)
     p.add_argument("--label", default="model", help="name of the model in files and the report (default: model)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout (logs go to stderr)")

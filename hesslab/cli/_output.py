@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["EXIT_OK", "EXIT_FAILURE", "EXIT_INPUT_ERROR", "finish"]
+__all__ = ["EXIT_OK", "EXIT_FAILURE", "EXIT_INPUT_ERROR", "finish", "exit_status"]
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -47,8 +47,12 @@ def finish(summary: dict[str, Any], args: argparse.Namespace, what: str) -> int:
         for key, errs in summary["errors"].items():
             print(f"hesslab: error in {key}: {errs}", file=sys.stderr)
         print(f"hesslab: some measures failed; the others were written to {out}", file=sys.stderr)
-        return EXIT_FAILURE
-    return EXIT_OK
+    return exit_status(summary)
+
+
+def exit_status(summary: dict[str, Any]) -> int:
+    """1 when a measure that was asked for failed, else 0."""
+    return EXIT_FAILURE if summary.get("errors") else EXIT_OK
 
 
 def _extra_lines(summary: dict[str, Any]) -> list[str]:
@@ -75,7 +79,10 @@ def _extra_lines(summary: dict[str, Any]) -> list[str]:
     for label, t in (summary.get("tracking") or {}).items():
         if t.get("outliers"):
             lines.append(f"{label}: outliers per epoch {t['outliers']}")
-    data = (summary.get("source") or {}).get("data_used")
+    source = summary.get("source") or {}
+    if (source.get("world_size") or 1) > 1:
+        lines.append(f"Processes: {source['world_size']} (torchrun), --shard {source.get('shard')}")
+    data = source.get("data_used")
     if data:
         lines.append(f"Data: {data}")
     return lines
