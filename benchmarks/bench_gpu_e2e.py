@@ -318,7 +318,9 @@ def render(rows: list[dict], env: dict, missing: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny models and tasks (seconds on a CPU)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    # cuda by default even without a GPU (then nothing runs): `hesslab bench` on a CPU must not
+    # start ResNet-18 at batch 512 there; --device cpu --quick is the smoke test
+    p.add_argument("--device", default="cuda")
     p.add_argument("--models", default="resnet18,gpt2")
     p.add_argument("--tools", default="hesslab," + ",".join(PEERS))
     p.add_argument("--resnet-batch", type=int, default=512)

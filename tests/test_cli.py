@@ -315,3 +315,24 @@ def test_missing_module_is_reported_not_available(monkeypatch):
     wu_section(rep, {"m": ka}, None, {}, demo=False)
     assert "Kronecker factors" in rep.to_html() or "not available" in rep.to_html()
     assert "kfac for m: not available" in rep.to_html()
+
+
+def test_bench_finds_the_checkouts_benchmarks():
+    from hesslab.cli import bench_scripts
+
+    names = {p.stem for p in bench_scripts()}
+    assert {"bench_kernels", "bench_peers", "bench_scaling", "bench_solvers"} <= names
+
+
+def test_gpu_benchmark_does_nothing_without_a_gpu_by_default():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the benchmark would run")
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_gpu_e2e.py"
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "no CUDA device; nothing to do" in r.stdout

@@ -63,11 +63,17 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_bench(args: argparse.Namespace) -> int:
-    bench_dir = Path(__file__).resolve().parent.parent / "benchmarks"
+def bench_scripts() -> list[Path]:
+    """The benchmark scripts of the source checkout this package runs from (benchmarks/bench_*.py)."""
+    bench_dir = Path(__file__).resolve().parents[2] / "benchmarks"  # hesslab/cli/ -> the checkout
     scripts = sorted(bench_dir.glob("bench_*.py"))
     if not scripts:
         raise HesslabError(f"no benchmarks found in {bench_dir}: `hesslab bench` runs from a source checkout")
+    return scripts
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    scripts = bench_scripts()
     status, took = 0, []
     for script in scripts:
         # Full mode keeps 3 timed repeats so that the whole suite fits ~20 minutes on 2 cores.
