@@ -69,7 +69,7 @@ from hesslab.linops._base import LinearOperator
 from hesslab.linops._compiled import COMPILED, compile_setup, compiled_batch_product
 from hesslab.linops._fdcheck import Difference, check_first_product
 from hesslab.linops._finite_difference import METHOD as _FD, fd_batch_product, fd_setup
-from hesslab.linops._model import ModelData, all_reduce_sum_, distributed_active
+from hesslab.linops._model import ModelData, all_reduce_sum_, check_targets, distributed_active
 from hesslab.linops._sharded import ShardedParameters, fsdp_setup, local_shapes
 from hesslab.linops._params import (
     ParamSpec,
@@ -303,7 +303,7 @@ class CurvatureOperator(LinearOperator):
         with torch.no_grad(), self._md.model_mode(), self._md.batch_rng(index):
             selected, others = self._tensors()
             out = self._check_output(self._md.forward({**others, **selected}, inputs, first=True))
-            self._md.check_targets(out, targets, index)
+            check_targets(self._md.loss_fn, out, targets, index)
             loss = self._loss(out, targets)
             self._md.check_loss_head({**others, **selected}, inputs, targets)
         self._md.check_differentiable(out, targets)

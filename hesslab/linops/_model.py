@@ -59,6 +59,7 @@ from hesslab.linops._lmloss import LossHead
 __all__ = [
     "ModelData",
     "all_reduce_sum_",
+    "check_targets",
     "any_rank",
     "collective_device",
     "distributed_active",
@@ -347,37 +348,6 @@ class ModelData:
                 "targets) twice: compute the loss from the output with differentiable torch ops."
             )
 
-    def check_targets(self, out: Any, targets: Tensor, index: int) -> None:
-        """Catch data mistakes a loss would hide or report obscurely, on one batch.
-
-        Raises:
-            HesslabError: outputs and targets of different lengths; float targets of
-                class-index shape with cross-entropy; MSE targets of another shape than
-                the outputs (broadcasting would compare every output with every target).
-        """
-        if not isinstance(out, Tensor) or out.dim() < 1:
-            return
-        if targets.dim() >= 1 and out.shape[0] != targets.shape[0]:
-            raise HesslabError(
-                f"data: batch {index} gives {out.shape[0]} outputs (shape {tuple(out.shape)}) but "
-                f"has {targets.shape[0]} targets (shape {tuple(targets.shape)}); inputs and "
-                "targets must hold the same samples along their first dimension"
-            )
-        fn = self.loss_fn
-        if isinstance(fn, nn.CrossEntropyLoss) or fn is F.cross_entropy:
-            if targets.is_floating_point() and targets.dim() == out.dim() - 1:
-                raise HesslabError(
-                    f"data: cross-entropy got floating targets of shape {tuple(targets.shape)} "
-                    "(class indices); class indices must be integers: pass targets.long() "
-                    "(floating targets must be class probabilities of the output's shape)"
-                )
-        elif (isinstance(fn, nn.MSELoss) or fn is F.mse_loss) and targets.shape != out.shape:
-            raise HesslabError(
-                f"data: MSE targets of shape {tuple(targets.shape)} against outputs of shape "
-                f"{tuple(out.shape)}: broadcasting would compare every output with every target. "
-                "Give the targets the outputs' shape (e.g. targets.view_as(outputs))."
-            )
-
     def check_loss_head(self, tensors: dict[str, Tensor], inputs: Any, targets: Tensor) -> None:
         """A causal LM's token cross-entropy against the model's own loss, on one batch."""
         if self.head.kind != "causal_lm":
@@ -534,6 +504,38 @@ class ModelData:
             f"fixed matrix. {why}Use eval mode (train_mode=False, the default), remove dropout, "
             "fix the batches (a list of tensors, no augmentation), or pass "
             "check_deterministic=False to accept a random operator."
+        )
+
+
+def check_targets(loss_fn: Any, out: Any, targets: Tensor, index: int) -> None:
+    """Catch data mistakes ``loss_fn`` would hide or report obscurely, on one batch.
+
+    Raises:
+        HesslabError: outputs and targets of different lengths; float targets of
+            class-index shape with cross-entropy; MSE targets of another shape than
+            the outputs (broadcasting would compare every output with every target).
+    """
+    if not isinstance(out, Tensor) or out.dim() < 1:
+        return
+    if targets.dim() >= 1 and out.shape[0] != targets.shape[0]:
+        raise HesslabError(
+            f"data: batch {index} gives {out.shape[0]} outputs (shape {tuple(out.shape)}) but "
+            f"has {targets.shape[0]} targets (shape {tuple(targets.shape)}); inputs and "
+            "targets must hold the same samples along their first dimension"
+        )
+    fn = loss_fn
+    if isinstance(fn, nn.CrossEntropyLoss) or fn is F.cross_entropy:
+        if targets.is_floating_point() and targets.dim() == out.dim() - 1:
+            raise HesslabError(
+                f"data: cross-entropy got floating targets of shape {tuple(targets.shape)} "
+                "(class indices); class indices must be integers: pass targets.long() "
+                "(floating targets must be class probabilities of the output's shape)"
+            )
+    elif (isinstance(fn, nn.MSELoss) or fn is F.mse_loss) and targets.shape != out.shape:
+        raise HesslabError(
+            f"data: MSE targets of shape {tuple(targets.shape)} against outputs of shape "
+            f"{tuple(out.shape)}: broadcasting would compare every output with every target. "
+            "Give the targets the outputs' shape (e.g. targets.view_as(outputs))."
         )
 
 
