@@ -12,12 +12,18 @@ import pytest
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
+def _run_quick(script: str, args: list[str], out: Path, timeout: int) -> subprocess.CompletedProcess:
+    """``benchmarks/<script> --quick <args> --out <out>`` in a subprocess; it must succeed."""
+    r = subprocess.run([sys.executable, str(BENCH / script), "--quick", *args, "--out", str(out)],
+                       capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r
+
+
 @pytest.mark.skipif(not (BENCH / "bench_kernels.py").exists(), reason="needs a source checkout")
 def test_kernel_benchmark_quick_run_writes_its_rows(tmp_path):
     out = tmp_path / "kernels.json"
-    r = subprocess.run([sys.executable, str(BENCH / "bench_kernels.py"), "--quick", "--threads", "1", "--out", str(out)],
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
+    r = _run_quick("bench_kernels.py", ["--threads", "1"], out, timeout=600)
     data = json.loads(out.read_text())
     assert data["environment"]["torch"] and len(data["lanczos"]) == 6 and len(data["kron"]) == 4
     for row in data["lanczos"]:
@@ -72,9 +78,7 @@ def test_peer_ratios_take_the_fastest_equally_accurate_peer_and_targets_say_met(
 @pytest.mark.skipif(not (BENCH / "bench_peers.py").exists(), reason="needs a source checkout")
 def test_peer_benchmark_product_workload_quick_run(tmp_path):
     out = tmp_path / "peers.json"
-    r = subprocess.run([sys.executable, str(BENCH / "bench_peers.py"), "--quick", "--workloads", "cnn512",
-                        "--tools", "hesslab", "--out", str(out)], capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-2000:]
+    r = _run_quick("bench_peers.py", ["--workloads", "cnn512", "--tools", "hesslab"], out, timeout=900)
     data = json.loads(out.read_text())
     rows = {(x["task"], x["settings"]): x for x in data["rows"]}
     assert set(rows) == {("top10", "matched"), ("slq", "matched"), ("trace", "matched"),
@@ -90,9 +94,7 @@ def test_peer_benchmark_product_workload_quick_run(tmp_path):
 @pytest.mark.skipif(not (BENCH / "bench_compiled.py").exists(), reason="needs a source checkout")
 def test_compiled_benchmark_quick_run_matches_eager(tmp_path):
     out = tmp_path / "compiled.json"
-    r = subprocess.run([sys.executable, str(BENCH / "bench_compiled.py"), "--quick", "--backend", "aot_eager",
-                        "--models", "mlp", "--out", str(out)], capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
+    r = _run_quick("bench_compiled.py", ["--backend", "aot_eager", "--models", "mlp"], out, timeout=600)
     rows = json.loads(out.read_text())["rows"]
     assert [x["operator"] for x in rows] == ["Hessian", "GGN"]
     for x in rows:
@@ -104,9 +106,7 @@ def test_compiled_benchmark_quick_run_matches_eager(tmp_path):
 @pytest.mark.skipif(not (BENCH / "bench_scaling.py").exists(), reason="needs a source checkout")
 def test_scaling_benchmark_quick_run_counts_two_all_reduces_per_lanczos_step(tmp_path):
     out = tmp_path / "scaling.json"
-    r = subprocess.run([sys.executable, str(BENCH / "bench_scaling.py"), "--quick", "--worlds", "1,2", "--out", str(out)],
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
+    r = _run_quick("bench_scaling.py", ["--worlds", "1,2"], out, timeout=600)
     data = json.loads(out.read_text())
     assert [row["world"] for row in data["rows"]] == [1, 2]
     for row in data["rows"]:
