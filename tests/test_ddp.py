@@ -9,7 +9,6 @@ never fires DDP's gradient hooks, so the operators all-reduce the products thems
 
 from __future__ import annotations
 
-import datetime
 import warnings
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hesslab as hl
 from hesslab.linops import Hessian
-from tests.test_distributed import SHARDS, WORLD, _free_port, _setup
+from tests.test_distributed import SHARDS, WORLD, _free_port, _setup, gloo_group
 
 CE = nn.CrossEntropyLoss()
 TOL = 1e-10
@@ -45,12 +44,7 @@ def _results(model: nn.Module, data, V: torch.Tensor) -> dict[str, object]:
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-        timeout=datetime.timedelta(seconds=60),
-    )
-    try:
+    with gloo_group(rank, WORLD, port):
         model, X, y, V = _setup()
         data = (X[SHARDS[rank]], y[SHARDS[rank]])
         wrapped = DDP(model)
@@ -59,8 +53,6 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         out["block_names"] = block.param_names
         out["block"] = block @ V[:30, :2]
         torch.save(out, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def _close(got: torch.Tensor, want: torch.Tensor, tol: float) -> bool:

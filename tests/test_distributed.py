@@ -8,8 +8,10 @@ all-reduce with each rank weighted by its number of samples.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,19 @@ from tests.models import classification_data, mlp
 WORLD = 2
 SHARDS = [slice(0, 7), slice(7, 20)]
 CE = nn.CrossEntropyLoss()
+
+
+@contextlib.contextmanager
+def gloo_group(rank: int, world: int, port: int) -> Iterator[None]:
+    """This process as ``rank`` of a gloo group on 127.0.0.1 (one thread, a 60 s timeout on
+    every collective, so a test cannot hang), destroyed on exit."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def _free_port() -> int:
@@ -65,12 +80,7 @@ def _results(model: nn.Module, data, V: torch.Tensor) -> dict[str, object]:
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-        timeout=datetime.timedelta(seconds=60),
-    )
-    try:
+    with gloo_group(rank, WORLD, port):
         assert collective_device() == torch.device("cpu")  # the one rule: gloo on the CPU
         assert global_count(rank + 1) == 3
         model, X, y, V = _setup()
@@ -80,17 +90,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         else:
             data = DataLoader(TensorDataset(Xs, ys), batch_size=5)  # 5 + 5 + 3
         torch.save(_results(model, data, V), Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def _empty_shard_worker(rank: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-        timeout=datetime.timedelta(seconds=60),
-    )
-    try:
+    with gloo_group(rank, WORLD, port):
         model, X, y, _ = _setup()
         data = (X[:0], y[:0]) if rank == 1 else (X[:7], y[:7])  # rank 1 holds no sample
         errors = []
@@ -103,8 +106,6 @@ def _empty_shard_worker(rank: int, port: int, out_dir: str) -> None:
             except HesslabError as err:
                 errors.append(str(err))
         (Path(out_dir) / f"rank{rank}.txt").write_text(repr(errors))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_a_rank_with_an_empty_shard_makes_every_rank_raise_the_same_error(tmp_path):

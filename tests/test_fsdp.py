@@ -20,7 +20,6 @@ Bad input raises the same HesslabError on every rank.
 
 from __future__ import annotations
 
-import datetime
 import math
 from pathlib import Path
 
@@ -40,7 +39,7 @@ from hesslab.errors import HesslabError
 from hesslab.linops import GGN, KFAC, Hessian
 from hesslab.linops._sharded import block_indices
 from tests.models import classification_data, fully_shard_model, mlp, tiny_gpt2, token_batch
-from tests.test_distributed import _free_port
+from tests.test_distributed import _free_port, gloo_group
 from tests.test_finite_difference import K
 
 CE = nn.CrossEntropyLoss()
@@ -257,15 +256,8 @@ JOBS = {"mlp": _mlp_job, "gpt": _gpt_job, "errors": _errors_job, "solvers": _sol
 
 
 def _worker(rank: int, job: str, world: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-        timeout=datetime.timedelta(seconds=60),
-    )
-    try:
+    with gloo_group(rank, world, port):
         torch.save(JOBS[job](rank, world), Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def _run(job: str, world: int, tmp_path: Path) -> list[dict]:

@@ -15,7 +15,6 @@ sketches, and the solvers end to end against numpy.
 
 from __future__ import annotations
 
-import datetime
 import time
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from hesslab.errors import HesslabError
 from hesslab.linops import DenseOperator, LinearOperator
 from hesslab.linops._shards import Shards
 from hesslab.solvers import _sharded
-from tests.test_distributed import _free_port
+from tests.test_distributed import _free_port, gloo_group
 
 N = 23
 SIZES = {2: (22, 1), 4: (9, 1, 6, 7)}
@@ -75,12 +74,6 @@ class RowSharded(LinearOperator):
         return self.rows @ full
 
 
-def _init(rank: int, world: int, port: int) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
-
-
 def _spawn(worker, world: int, *args) -> None:
     """Run ``worker(rank, world, port, *args)`` on ``world`` processes; fail after LIMIT_S."""
     ctx = mp.spawn(worker, args=(world, _free_port(), *args), nprocs=world, join=False)
@@ -109,8 +102,7 @@ def _count_reduces(op: RowSharded, fn):
 
 
 def _solve_worker(rank: int, world: int, port: int, out: str) -> None:
-    _init(rank, world, port)
-    try:
+    with gloo_group(rank, world, port):
         op = RowSharded(_matrix(), SIZES[world])
         res = hl.lanczos(op, k=K, seed=5)
         top = hl.gather_shards(op, res.eigenvectors)
@@ -120,8 +112,6 @@ def _solve_worker(rank: int, world: int, port: int, out: str) -> None:
         exact_pp = hl.trace(op, 3 * N, method="hutch++", seed=1)  # the sketch spans everything
         torch.save({"eig": res, "top": top, "local_vectors": res.eigenvectors, "slq": slq, "reduces": reduces,
                     "full": full, "traces": traces, "exact_pp": exact_pp}, Path(out) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -187,8 +177,7 @@ def _errors(fn) -> str | None:
 
 
 def _checkpoint_worker(rank: int, world: int, port: int, out: str, phase: str) -> None:
-    _init(rank, world, port)
-    try:
+    with gloo_group(rank, world, port):
         path = Path(out) / "run.ckpt"
         A = _matrix()
         kw = dict(k=K, seed=5, checkpoint=path, checkpoint_every=3)
@@ -209,8 +198,6 @@ def _checkpoint_worker(rank: int, world: int, port: int, out: str, phase: str) -
         else:  # another world size on the files of the write phase
             results["world_error"] = _errors(lambda: hl.lanczos(RowSharded(A, SIZES[world]), **kw))
         torch.save(results, Path(out) / f"{phase}{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_sharded_checkpoints_resume_together_and_refuse_another_layout_on_every_rank(tmp_path):
@@ -239,8 +226,7 @@ def test_a_rank_file_missing_is_refused_on_every_rank(tmp_path):
 
 
 def _missing_worker(rank: int, world: int, port: int, out: str) -> None:
-    _init(rank, world, port)
-    try:
+    with gloo_group(rank, world, port):
         path = Path(out) / "run.ckpt"
         op = RowSharded(_matrix(), SIZES[world])
         hl.spectral_density(op, 4, 2, checkpoint=path)
@@ -250,8 +236,6 @@ def _missing_worker(rank: int, world: int, port: int, out: str) -> None:
         dist.barrier()
         (Path(out) / f"missing{rank}.txt").write_text(str(_errors(lambda: hl.spectral_density(op, 4, 2,
                                                                                             checkpoint=path))))
-    finally:
-        dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------- in process, one rank
