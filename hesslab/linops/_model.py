@@ -64,6 +64,7 @@ __all__ = [
     "collective_device",
     "distributed_active",
     "failed_ranks",
+    "gather_rows",
     "global_count",
 ]
 
@@ -109,13 +110,25 @@ def global_count(local: int) -> int:
     return int(round(all_reduce_sum_(t).item()))
 
 
+def gather_rows(local: Tensor) -> Tensor:
+    """(world, k) float64 on every rank: row r is rank r's ``local`` (k,), bitwise.
+
+    One all-reduce of a matrix in which each entry is nonzero on one rank only, so the
+    sums are exact and every rank holds the same bits. Without torch.distributed: one row.
+    """
+    row = local.detach().to("cpu", torch.float64).reshape(-1)
+    if not distributed_active():
+        return row[None]
+    rows = torch.zeros(torch.distributed.get_world_size(), row.numel(), dtype=torch.float64)
+    rows[torch.distributed.get_rank()] = row
+    return all_reduce_sum_(rows)
+
+
 def failed_ranks(failed: bool) -> list[int]:
     """The ranks where ``failed`` holds (one collective; [] without torch.distributed)."""
     if not distributed_active():
         return []
-    flags = torch.zeros(torch.distributed.get_world_size(), dtype=torch.float64)
-    flags[torch.distributed.get_rank()] = float(failed)
-    all_reduce_sum_(flags)
+    flags = gather_rows(torch.tensor([float(failed)]))[:, 0]
     return [r for r, f in enumerate(flags.tolist()) if f > 0]
 
 

@@ -56,7 +56,7 @@ from torch import Tensor, nn
 
 from hesslab.errors import HesslabError
 from hesslab.linops._finite_difference import METHOD as FD, fd_step
-from hesslab.linops._model import all_reduce_sum_, any_rank, distributed_active
+from hesslab.linops._model import any_rank, distributed_active, gather_rows
 from hesslab.linops._params import columns_to_params
 from hesslab.linops._shards import Shards
 
@@ -172,21 +172,9 @@ def local_shapes(tensors: Sequence[Tensor]) -> list[torch.Size]:
 
 
 # ------------------------------------------------------------------ agreement
-def _gather_rows(local: Tensor) -> Tensor:
-    """(world, k) float64: row r is rank r's ``local`` (k,), bitwise, on every rank.
-
-    One all-reduce of a matrix in which each entry is nonzero on one rank only, so the
-    sums are exact and every rank holds the same bits.
-    """
-    world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
-    rows = torch.zeros(world, local.numel(), dtype=torch.float64)
-    rows[rank] = local.detach().to("cpu", torch.float64).reshape(-1)
-    return all_reduce_sum_(rows)
-
-
 def _global_sum(local: Tensor) -> Tensor:
     """Σ over ranks of ``local`` (k,), float64, added in rank order: the same bits everywhere."""
-    return _gather_rows(local).sum(0)
+    return gather_rows(local).sum(0)
 
 
 def _fingerprint(names: Sequence[str], tensors: Sequence[Tensor]) -> float:
@@ -207,7 +195,7 @@ def _check_selection(names: Sequence[str], tensors: Sequence[Tensor]) -> None:
             placement the layout does not cover (2-D meshes, HSDP, strided shards).
     """
     n = sum(t.numel() for t in tensors)
-    rows = _gather_rows(torch.tensor([_fingerprint(names, tensors), len(names), n]))
+    rows = gather_rows(torch.tensor([_fingerprint(names, tensors), len(names), n]))
     if not bool((rows == rows[0]).all()):
         per_rank = "; ".join(
             f"rank {r}: {int(c)} tensors, {int(m)} entries"

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from hesslab.errors import HesslabError
-from hesslab.linops._model import all_reduce_sum_, collective_device, distributed_active
+from hesslab.linops._model import all_reduce_sum_, collective_device, distributed_active, gather_rows
 
 __all__ = ["Shards"]
 
@@ -62,15 +62,17 @@ class Shards:
         """The layout of vectors with ``local_size`` entries on this rank (one all-reduce)."""
         if not distributed_active():
             raise HesslabError("sharded vectors need torch.distributed: call init_process_group first")
-        world = torch.distributed.get_world_size()
-        sizes = torch.zeros(world, dtype=torch.float64)
-        sizes[torch.distributed.get_rank()] = float(local_size)
-        all_reduce_sum_(sizes)
-        return cls(torch.distributed.get_rank(), world, tuple(int(s) for s in sizes.tolist()), index, signature)
+        sizes = gather_rows(torch.tensor([float(local_size)]))[:, 0]
+        return cls(torch.distributed.get_rank(), torch.distributed.get_world_size(),
+                   tuple(int(s) for s in sizes.tolist()), index, signature)
 
     def reduce_(self, t: Tensor) -> Tensor:
         """Sum the local partial sums ``t`` over the ranks, in place; returns ``t``."""
         return all_reduce_sum_(t)
+
+    def gather_rows(self, local: Tensor) -> Tensor:
+        """(world, k) float64, the same bits on every rank: row r is rank r's ``local`` (k,)."""
+        return gather_rows(local)
 
     def seed(self, seed: int) -> int:
         """The seed of this rank's stream for a solver seeded with ``seed``."""

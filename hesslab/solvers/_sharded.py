@@ -157,9 +157,7 @@ def cholesky_qr2(shards, Y: Tensor) -> Tensor:
 
 def require_all(shards, ok: bool, message: str) -> None:
     """Raise HesslabError(message) on every rank when ``ok`` is False on any (one all-reduce)."""
-    flags = torch.zeros(shards.world, dtype=torch.float64)
-    flags[shards.rank] = 0.0 if ok else 1.0
-    bad = shards.reduce_(flags).nonzero().flatten().tolist()
+    bad = shards.gather_rows(torch.tensor([0.0 if ok else 1.0]))[:, 0].nonzero().flatten().tolist()
     if bad:
         raise HesslabError(f"{message} (on rank(s) {bad} of {shards.world})")
 
