@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import pytest
 import torch
 from torch import Tensor, nn
 
@@ -260,6 +261,17 @@ class Interrupting(DenseOperator):
         if self.num_matvecs >= self.after:
             raise KeyboardInterrupt
         return super()._matmat(V)
+
+
+def interrupted_and_resumed(run, A, after: int, path):
+    """``run(op, **kw)`` on DenseOperator(A) in one go, and again interrupted after ``after``
+    products (checkpoint ``path``, written only at the interruption) then resumed from the
+    file: returns (full, resumed). The checkpoint must exist after the interruption."""
+    full = run(DenseOperator(A))
+    with pytest.raises(KeyboardInterrupt):
+        run(Interrupting(A, after=after), checkpoint=path, checkpoint_every=1000)
+    assert path.exists()
+    return full, run(DenseOperator(A), checkpoint=path)
 
 
 # ------------------------------------------------------------------ FSDP2 (torch.distributed running)

@@ -32,7 +32,6 @@ import torch
 from torch import nn
 
 import hesslab as hl
-from hesslab.linops import DenseOperator
 
 from tests import models
 from tests.test_linops import dense_ggn, dense_hessian
@@ -159,12 +158,8 @@ def test_checkpoint_resumed_on_device_gives_the_identical_result(device, tmp_pat
         "lanczos": lambda op, **kw: hl.lanczos(op, k=5, tol=1e-10, **kw),
         "slq": lambda op, **kw: hl.spectral_density(op, num_steps=22, num_probes=3, **kw),
     }[solver]
-    full = run(DenseOperator(A))
     path = tmp_path / "state.pt"
-    with pytest.raises(KeyboardInterrupt):
-        run(models.Interrupting(A, after=31), checkpoint=path, checkpoint_every=1000)
-    assert path.exists()
-    resumed = run(DenseOperator(A), checkpoint=path)
+    full, resumed = models.interrupted_and_resumed(run, A, 31, path)
     for key, value in full.to_dict().items():
         if key != "num_matvecs":
             np.testing.assert_array_equal(np.asarray(value), np.asarray(resumed.to_dict()[key]), err_msg=key)

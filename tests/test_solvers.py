@@ -230,12 +230,8 @@ def test_checkpoint_resume_gives_the_identical_result(tmp_path, solver):
         "slq": lambda op, **kw: spectral_density(op, num_steps=25, num_probes=3, **kw),
         "slq_local": lambda op, **kw: spectral_density(op, num_steps=25, num_probes=3, reorthogonalize="local", **kw),
     }[solver]
-    full = run(DenseOperator(A))
     path = tmp_path / "state.pt"
-    with pytest.raises(KeyboardInterrupt):
-        run(models.Interrupting(A, after=37), checkpoint=path, checkpoint_every=1000)
-    assert path.exists()
-    resumed = run(DenseOperator(A), checkpoint=path)
+    full, resumed = models.interrupted_and_resumed(run, A, 37, path)
     again = run(DenseOperator(A), checkpoint=path)  # resuming a finished run changes nothing
     for other in (resumed, again):
         for key, value in full.to_dict().items():
