@@ -771,6 +771,50 @@ def test_wrong_second_derivatives_are_caught_at_the_first_product():
         A @ torch.ones(A.shape[0], dtype=torch.float64)
 
 
+class _Recording(nn.Module):
+    """An MLP that records the batch sizes it sees in float64 and, with ``fixed``, only
+    runs on batches of exactly that size (a batch size built into the model)."""
+
+    def __init__(self, fixed: int | None = None):
+        super().__init__()
+        self.net, self.fixed, self.sizes64 = mlp(), fixed, []
+
+    def forward(self, x):
+        if x.dtype == torch.float64:
+            self.sizes64.append(x.shape[0])
+        if self.fixed is not None:
+            x = x.reshape(self.fixed, -1)  # fails on any other batch size
+        return self.net(x)
+
+
+def _wrong_loss(out, t):
+    return CE(_OnceDifferentiableSquare.apply(out), t)
+
+
+@pytest.mark.parametrize("op", [Hessian, GGN])
+def test_the_derivative_check_runs_on_a_cut_of_the_first_batch_or_on_all_of_it(op):
+    X, y = _data()  # 20 samples
+    X = X.float()  # a float32 model: the check's float64 passes are the ones recorded
+    for fixed, seen in ((None, {8}), (20, {20})):
+        for loss_fn in (CE, _wrong_loss):
+            model = _Recording(fixed).float()
+            A = op(model, loss_fn, (X, y))
+            model.sizes64.clear()
+            v = torch.randn(A.shape[0], generator=torch.Generator().manual_seed(3))
+            if loss_fn is _wrong_loss:  # caught on the cut and on the whole batch alike
+                with pytest.raises(HesslabError, match="finite differences"):
+                    A @ v
+            else:
+                A @ v
+            assert set(model.sizes64) == seen, (fixed, model.sizes64)
+    model = _Recording().float()  # a batch no bigger than the cut is checked whole
+    A = op(model, _wrong_loss, (X[:6], y[:6]))
+    model.sizes64.clear()
+    with pytest.raises(HesslabError, match="finite differences"):
+        A @ torch.ones(A.shape[0])
+    assert set(model.sizes64) == {6}
+
+
 def test_ggn_cross_entropy_closed_form_equals_double_backward():
     model = mlp()
     X, y = _data()

@@ -20,6 +20,15 @@ step makes the two quotients disagree, so it never raises a false alarm; the sec
 step is only taken when the first quotient disagrees with the product. In train mode,
 every evaluation draws the same dropout masks (the RNG is forked and reseeded, so the
 global RNG is untouched). Where the float64 copy cannot run, the check is skipped.
+
+The check runs on the first batch's first 8 samples (every input tensor whose first
+dimension is the batch's is cut): the same operations at a fraction of the cost, which
+matters because float64 convolutions are several times slower than float32 ones on a CPU
+(on a 0.3M-parameter ResNet with a 128-image batch the check cost 1.3 s, ten products,
+on the whole batch). Both sides of the comparison, the product and the quotient, see the
+same cut batch, so the check stays exact for any function of it. A model that cannot run
+on the cut batch (a batch size built into it), and a compiled operator (a new input shape
+would compile a new graph), are checked on the whole batch.
 """
 
 from __future__ import annotations
@@ -32,7 +41,8 @@ import torch
 from torch import Tensor
 
 from hesslab.errors import HesslabError
-from hesslab.linops._data import cast_batch, cast_floating
+from hesslab.linops._compiled import COMPILED
+from hesslab.linops._data import cast_batch, cast_floating, map_inputs
 from hesslab.linops._model import any_rank, distributed_active
 from hesslab.linops._params import columns_to_params, flatten_grads, params_to_columns
 
@@ -48,6 +58,7 @@ _STEP = 1e-4  # relative to 1 + RMS(θ)
 _CONSISTENT = 1e-3
 _WRONG = 0.05
 _SEED = 20240613
+_SAMPLES = 8  # the check's cut of the first batch
 
 
 def check_first_product(op: CurvatureOperator, v: Tensor, product: Tensor | None,
@@ -58,7 +69,8 @@ def check_first_product(op: CurvatureOperator, v: Tensor, product: Tensor | None
         op: The operator.
         v: (n,), the first column of its first product.
         product: (n,), that column of the product when it is the first batch's own
-            (single batch, no torch.distributed), else None (recomputed on batch 1).
+            (single batch, no torch.distributed), else None (recomputed on batch 1
+            when the check needs the whole batch).
         difference: The operator's difference quotient (see the module docstring).
 
     Raises:
@@ -66,16 +78,22 @@ def check_first_product(op: CurvatureOperator, v: Tensor, product: Tensor | None
     """
     md = op._md
     _, inputs, targets, _ = md.first_batch()
+    head = _head(inputs, targets) if op._path != COMPILED else None
     devices = [op.device] if op.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), torch.enable_grad(), md.model_mode():
-        if product is None:
-            torch.manual_seed(_SEED)
-            Vs = columns_to_params(v[:, None], op.param_shapes)
-            product = params_to_columns(op._batch_product(inputs, targets, Vs, reuse=False))[:, 0]
-        try:
-            verdict = _verdict(op, inputs, targets, v, product.to(torch.float64), difference)
-        except RuntimeError:  # the model cannot run in float64 (a hard-coded dtype): skip
-            verdict = None
+        verdict = _UNCHECKED
+        if head is not None:
+            try:
+                verdict = _verdict(op, *head, v, _column_product(op, *head, v), difference)
+            except RuntimeError:  # the model cannot run on the cut batch: check the whole one
+                verdict = _UNCHECKED
+        if verdict is _UNCHECKED:
+            if product is None:
+                product = _column_product(op, inputs, targets, v)
+            try:
+                verdict = _verdict(op, inputs, targets, v, product.to(torch.float64), difference)
+            except RuntimeError:  # the model cannot run in float64 (a hard-coded dtype): skip
+                verdict = None
     bad = verdict is not None
     if distributed_active():
         bad = any_rank(bad)  # every rank raises, or none
@@ -90,6 +108,28 @@ def check_first_product(op: CurvatureOperator, v: Tensor, product: Tensor | None
             "input. Give it a differentiable backward (plain torch ops), or use ops with a double "
             "backward."
         )
+
+
+_UNCHECKED = object()
+
+
+def _head(inputs: Any, targets: Tensor) -> tuple[Any, Tensor] | None:
+    """The batch's first ``_SAMPLES`` samples, or None when it has no more than that."""
+    size = targets.shape[0] if targets.dim() >= 1 else 0
+    if size <= _SAMPLES:
+        return None
+
+    def cut(t: Tensor) -> Tensor:
+        return t[:_SAMPLES] if t.dim() >= 1 and t.shape[0] == size else t
+
+    return map_inputs(inputs, cut), targets[:_SAMPLES]
+
+
+def _column_product(op: CurvatureOperator, inputs: Any, targets: Tensor, v: Tensor) -> Tensor:
+    """The operator's block product of one batch for the single column v; (n,) float64."""
+    torch.manual_seed(_SEED)
+    Vs = columns_to_params(v[:, None], op.param_shapes)
+    return params_to_columns(op._batch_product(inputs, targets, Vs, reuse=False))[:, 0].to(torch.float64)
 
 
 def _verdict(op: CurvatureOperator, inputs: Any, targets: Tensor, v: Tensor, product: Tensor,
