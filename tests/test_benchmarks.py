@@ -177,10 +177,13 @@ def test_peer_benchmark_product_workload_quick_run(tmp_path):
                          ("top10", "defaults"), ("trace", "defaults")}
     for row in rows.values():
         assert not row.get("failed") and row["seconds"] > 0 and row["products"] > 0
+        # the time inside the products is part of the timed run's wall time
+        assert 0 < row["product_s"] <= row["seconds"] and row["solver_overhead"] >= 1.0
     # top-10 against the float64 reference: float32 products cap the error near 1e-6
     assert rows[("top10", "matched")]["error"] < 1e-4 and rows[("top10", "defaults")]["error"] < 1e-4
     assert rows[("trace", "defaults")]["products"] == 100 and "targets" in data
     assert "### Targets of issue 15" in r.stdout and "| workload | thr | task | tool | settings |" in r.stdout
+    assert "| in-run ms/HVP | total/in-products |" in r.stdout
 
 
 @pytest.mark.skipif(not (BENCH / "bench_compiled.py").exists(), reason="needs a source checkout")
