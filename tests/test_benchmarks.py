@@ -138,30 +138,42 @@ def test_targets_add_the_solver_overhead_row_beside_the_floor_row_and_render_sho
 @pytest.mark.skipif(not (BENCH / "_peers_adapters.py").exists(), reason="needs a source checkout")
 @pytest.mark.parametrize("settings, verify", [("matched", False), ("defaults", None)])
 def test_hesslab_top10_matched_skips_verification_and_defaults_keep_it(monkeypatch, settings, verify):
+    import time
+
     import hesslab as hl
+    import hesslab.linops._curvature as curvature
     from hesslab import zoo
     from torch import nn
 
+    from tests.test_linops import dense_hessian
+
     a = _load_bench_module("_peers_adapters")
-    seen = []
-    real = hl.lanczos
+    seen, real, check = [], hl.lanczos, curvature.check_first_product
 
     def recording(op, **kw):
         seen.append(kw)
         return real(op, **kw)
 
+    def slow_check(*args, **kwargs):  # the first product's derivative check: overhead, not product time
+        seen.append("check")
+        time.sleep(0.2)
+        return check(*args, **kwargs)
+
     monkeypatch.setattr(hl, "lanczos", recording)
+
+    monkeypatch.setattr(curvature, "check_first_product", slow_check)
     (X, y), _ = zoo.digits()
     model = zoo.digits_mlp(hidden=(16,)).double().eval()  # 1,210 parameters
     adapter = a.HesslabAdapter(model, nn.CrossEntropyLoss(), (X[:64].double(), y[:64]), "cpu")
     adapter.settings = settings
+    t0 = time.perf_counter()
     out = adapter.top_k(3, None, small=False)
+    elapsed = time.perf_counter() - t0
     assert seen[0].get("verify") is verify  # defaults: hesslab's own (verify=True when not passed)
     assert ("compute_residuals" in seen[0]) is (settings == "matched")
-    # every product went through the wrapped _matmat: its count is the operator's, its time > 0
-    assert adapter.counter["n"] == out["products"] > 0 and adapter.counter["s"] > 0
-    from tests.test_linops import dense_hessian
-
+    # every product went through the wrapped _product: its count is the operator's; the check is not in it
+    assert seen.count("check") == 1
+    assert adapter.counter["n"] == out["products"] > 0 and 0 < adapter.counter["s"] <= elapsed - 0.2
     H = dense_hessian(model, nn.CrossEntropyLoss(), X[:64].double(), y[:64]).numpy()
     ref = np.linalg.eigvalsh(H)[::-1][:3]
     assert np.max(np.abs(np.array(out["eigenvalues"]) - ref) / np.abs(ref)) < 1e-6
