@@ -176,9 +176,8 @@ class HesslabAdapter(Adapter):
 
         H = hl.Hessian(self.model, self.loss_fn, self.data, progress=False)
         # Every solver's products go through H.matmat -> H._matmat -> H._product; H.num_matvecs stays
-        # the count. Timed at _product: the products proper, without the derivative check that
-        # _matmat runs at the first product (float64 gradients, ~8 products' time on resnet128),
-        # which thus counts as overhead.
+        # the count. Timed at _product: the products proper, without the finite-difference derivative
+        # check that _matmat runs at the first product (float64 gradients), which thus counts as overhead.
         H._product = _counting(H._product, self.counter, lambda V, **_: V.shape[1], self.device)
         return H
 

@@ -125,8 +125,8 @@ NOTES = {
     "counting": (
         "Products are counted (and timed) at each tool's product entry point: hesslab's operator counter "
         "(num_matvecs; the time from its instance's _product, which every solver reaches through matmat -> "
-        "_matmat; left out: the derivative check _matmat runs once per operator at its first product, four "
-        "float64 gradients, 1.3-1.4 s on resnet128 = about 8 products, which counts as overhead); "
+        "_matmat; left out: the finite-difference derivative check _matmat runs once per operator at its "
+        "first product, float64 gradients, which counts as overhead); "
         "PyHessian's hessian_vector_product (patched in pyhessian.hessian); hessian-eigenthings' "
         "HessianOperator.matvec (instance attribute); curvlinops' _matmat, counting columns (eigsh and the "
         "boundary estimate go through it too)."
