@@ -15,12 +15,15 @@ TASKS = ("top10", "slq", "trace")
 # The product-dominated workloads of issue 15 (float32, products of tens to hundreds of ms): rows at
 # matched settings and at each tool's own defaults, ratios against the fastest equally accurate peer.
 PRODUCT_WORKLOADS = ("cnn512", "resnet128")
-DEFAULTS_WORKLOADS = ("cnn512",)
+DEFAULTS_WORKLOADS = ("cnn512", "resnet128")
+# Workloads whose defaults rows are limited to these tools' tasks (all others: minutes more). On resnet128
+# hesslab's verified top-10 (its own defaults, ~22 s) is the only one.
+DEFAULTS_ONLY = {"resnet128": {"hesslab": ("top10",)}}
 # The top-10 reference of the product workloads: a float64 Lanczos run on the float64 copy. On resnet128 it
 # would take minutes (30-60 s with 16 images already), so resnet128 has none: its top-10 peers there are
 # hessian-eigenthings (hesslab's step count, full reorthogonalization) and curvlinops (ARPACK, tol 1e-6),
 # converged methods that count as equally accurate; PyHessian's power iteration is skipped on it.
-REFERENCE = {"cnn512": {"dtype": torch.float64, "tol": 1e-10, "seed": 0}}  # the defaults rows on the ResNet would add ~4 minutes to make bench
+REFERENCE = {"cnn512": {"dtype": torch.float64, "tol": 1e-10, "seed": 0}}
 # Skipped to keep make bench's added time near 8 minutes (measured on the 16-image ResNet instead).
 SKIPPED = {("resnet128", "pyhessian", "top10"): "deflated power iteration, ~360 products (4-7x hesslab's)"}
 # Tasks whose "defaults" call differs from the matched one, per tool (the others would repeat a row).
@@ -45,13 +48,15 @@ NOTES = {
         "copy of the model (none on resnet128: minutes; its top-10 peers are converged Lanczos/ARPACK runs); trace and SLQ have no exact reference at this size, so every tool with the same budget "
         "(Hutchinson, 100 Rademacher products; SLQ 90 steps) counts as equally accurate (error '–'). One timed "
         "run each (the products dominate, so repeats change little) after a small warm-up. SLQ uses 2 probes "
-        "on cnn512 and 1 on resnet128 (90 x 2 and 90 products per tool), resnet128's defaults rows and PyHessian's top-10 on it are skipped, to keep "
+        "on cnn512 and 1 on resnet128 (90 x 2 and 90 products per tool); on resnet128 the defaults rows are hesslab's "
+        "top-10 only (~22 s; the others would add ~4 minutes) and PyHessian's top-10 is skipped, to keep "
         "the added time of make bench near 8 minutes."
     ),
     "settings": (
         "matched: the same tolerance, steps and products for every tool (the rows below). defaults: each tool's "
         "own defaults for the task, run only where they differ from matched: hesslab lanczos(k=10) with its "
-        "dtype tolerance and trace() = Hutch++ 100; PyHessian density() (100 steps, 1 probe) and trace() "
+        "dtype tolerance, its k residual products and verify=True (the verification chains that certify "
+        "multiplicities; cnn512 and resnet128) and trace() = Hutch++ 100 (cnn512); PyHessian density() (100 steps, 1 probe) and trace() "
         "(tol 1e-3 early stop); hessian-eigenthings lanczos(k=10) (its Krylov size, tol 1e-4), "
         "spectral_density() (10 x 80) and trace() (Hutch++ 100); curvlinops eigsh(tol=0)."
     ),
@@ -78,8 +83,14 @@ NOTES = {
         "the default dtype, so torch.set_default_dtype(float64) is set around its calls); the ResNets run in "
         "float32 for every tool. hesslab accumulates Lanczos inner products in float64 either way."
     ),
-    "top10/hesslab": f"hl.lanczos(k=10, which='LA', tol={LANCZOS_TOL}): full reorthogonalisation (CGS2), runs until "
-                     "the 10 residual estimates are below tol*||T||; no extra residual products.",
+    "top10/hesslab": f"hl.lanczos(k=10, which='LA', tol={LANCZOS_TOL}, compute_residuals=False, verify=False): full "
+                     "reorthogonalisation (CGS2), runs until the 10 residual estimates are below tol*||T||; no extra "
+                     "residual products and no verification chains, i.e. ARPACK's guarantee (ARPACK/curvlinops and "
+                     "hessian-eigenthings do not certify multiplicities either: a copy of a multiple eigenvalue the "
+                     "first Krylov space never separated can be missed). On resnet128 the chains cost 81 of the "
+                     "verified run's 118 products; without them the same 10 eigenvalues converge to 1e-10 relative "
+                     "of the verified run's in 37 products. The defaults row is hesslab's own lanczos(k=10): dtype "
+                     "tolerance, residual products, verify=True.",
     "top10/pyhessian": "Cannot be matched: PyHessian only has deflated power iteration, eigenvalues(top_n=10, "
                        "maxIter=100, tol=1e-3) (its defaults): up to 100 products per eigenvalue, stopping when the "
                        "Rayleigh quotient changes by < 1e-3 relative; it converges to the largest-magnitude "
@@ -112,7 +123,10 @@ NOTES = {
              "hutchinson_trace(A, 100), one 100-column product (vmap); on out-of-memory it is repeated in "
              "10-column calls (noted in the row).",
     "counting": (
-        "Products are counted at each tool's product entry point: hesslab's operator counter (num_matvecs); "
+        "Products are counted (and timed) at each tool's product entry point: hesslab's operator counter "
+        "(num_matvecs; the time from its instance's _product, which every solver reaches through matmat -> "
+        "_matmat; left out: the finite-difference derivative check _matmat runs once per operator at its "
+        "first product, float64 gradients, which counts as overhead); "
         "PyHessian's hessian_vector_product (patched in pyhessian.hessian); hessian-eigenthings' "
         "HessianOperator.matvec (instance attribute); curvlinops' _matmat, counting columns (eigsh and the "
         "boundary estimate go through it too)."
@@ -140,5 +154,12 @@ NOTES = {
                "threads against 5 ms with 1; 12 ms with PASSIVE). With tiny models 2 threads still lose to 1.",
     "floor": "'own HVP ms' is one single-column product of the tool's own operator (after warm-up); "
              "total/floor = wall time / (products x own HVP ms): what the solver adds on top of its products "
-             "(below 1 where several columns share one pass over the data).",
+             "(below 1 where several columns share one pass over the data). On this shared 2-core VM the "
+             "machine's speed drifts by ~30% over seconds and a product timed in a burst is faster than the "
+             "same product sustained through a 15 s run, so total/floor mixes solver overhead with drift. "
+             "'in-run ms/HVP' is the wall time spent inside the tool's product entry point during the timed "
+             "run (the counting wrappers time it; torch.cuda.synchronize() at both ends on a GPU) per HVP, and "
+             "total/in-products = wall time / that time: what the solver adds on top of the products it "
+             "actually ran (1.00 = nothing), the steadier figure. It counts the operator's construction and "
+             "everything between products (orthogonalisation, eigensolves, Python) as the solver's.",
 }

@@ -7,7 +7,10 @@ equally accurate peer's time ÷ hesslab's; > 1: hesslab is faster). The targets:
     ratio ≥ 1.0    every task of the product-dominated workloads, matched settings
     SLQ ≥ 1.3      the SLQ rows among them
     overhead ≤ 1.05  hesslab's total / (products × its kept-graph product) for SLQ and
-                     trace on the ResNet
+                     trace on the ResNet (the issue's definition: the single product is
+                     timed in a burst after warm-up, so machine drift over the run lands in it)
+    solver overhead ≤ 1.05  the same rows' total / time inside their own products in the
+                     same run (what the solver adds on top of its products, drift cancelled)
     compiled vs eager  the kept-graph product against the compiled one per model
                      (benchmarks/bench_compiled.py's JSON, when it ran before)
 """
@@ -21,6 +24,9 @@ from _common import table
 from _peers_config import ACCURACY_FACTOR, ERROR_FLOOR, PRODUCT_WORKLOADS, TASK_LABEL
 
 PEERS = ("pyhessian", "hessian-eigenthings", "curvlinops")
+# The overhead rows of hesslab's ResNet SLQ and trace: (row key, target), goal <= 1.05 each.
+OVERHEAD_TARGETS = (("floor_ratio", "overhead: total / (products x kept-graph product)"),
+                    ("solver_overhead", "solver overhead: total / time inside products (same run)"))
 
 
 def _key(r: dict) -> tuple:
@@ -68,9 +74,10 @@ def targets(rows: list[dict], compiled: dict | None) -> list[dict]:
             goal = 1.3 if r["task"] == "slq" else 1.0
             out.append(dict(target=f"ratio vs fastest equally accurate peer ({r['best_peer']})", where=where,
                             value=r["vs_best_peer"], goal=f">= {goal}", met=r["vs_best_peer"] >= goal))
-        if r["workload"] == "resnet128" and r["task"] in ("slq", "trace") and r.get("floor_ratio"):
-            out.append(dict(target="overhead: total / (products x kept-graph product)", where=where,
-                            value=r["floor_ratio"], goal="<= 1.05", met=r["floor_ratio"] <= 1.05))
+        if r["workload"] == "resnet128" and r["task"] in ("slq", "trace"):
+            for key, target in OVERHEAD_TARGETS:
+                if r.get(key):
+                    out.append(dict(target=target, where=where, value=r[key], goal="<= 1.05", met=r[key] <= 1.05))
     for c in (compiled or {}).get("rows", []):
         if c.get("eager_ms") and c.get("compiled_ms"):
             ratio = c["eager_ms"] / c["compiled_ms"]

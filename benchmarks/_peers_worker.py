@@ -34,6 +34,25 @@ def _accuracy(task: str, out: dict, exact: dict | None) -> float | None:
     return float(wasserstein_distance(x, np.asarray(exact["eigenvalues"]), u_weights=w))
 
 
+def in_run_figures(seconds: float, products: int, product_s: float, hvp_ms: float | None) -> dict:
+    """A row's per-product figures from its wall time, product count and time inside products.
+
+    ms_per_product = wall time / products; floor_ratio = wall time / (products x the single
+    product timed after warm-up); product_s = seconds inside the product entry point in the
+    same run, ms_per_product_in_run = its mean per product, solver_overhead = wall time /
+    product_s (what the solver adds on top of its own products; 1.00 = nothing).
+    """
+    out: dict = {"product_s": product_s}
+    if products:
+        out["ms_per_product"] = 1e3 * seconds / products
+        out["ms_per_product_in_run"] = 1e3 * product_s / products
+        if hvp_ms:
+            out["floor_ratio"] = seconds / (products * hvp_ms / 1e3)
+    if product_s > 0:
+        out["solver_overhead"] = seconds / product_s
+    return out
+
+
 def _median_index(times: list[float]) -> int:
     return sorted(range(len(times)), key=times.__getitem__)[(len(times) - 1) // 2]
 
@@ -76,6 +95,7 @@ def worker(spec_path: str) -> None:
             steps = spec.get("krylov_steps")
 
             def call(small: bool) -> dict:
+                adapter.reset_counter()  # products and the time inside them: this call's only
                 if task == "top10":
                     return adapter.top_k(cfg["k"], steps, small)
                 if task == "slq":
@@ -87,7 +107,7 @@ def worker(spec_path: str) -> None:
                        settings=adapter.settings)
             try:
                 call(spec["warmup"] == "small")  # warm-up
-                times, outs, mems = [], [], []
+                times, outs, mems, inside = [], [], [], []
                 for _ in range(spec["repeats"]):
                     adapter.notes.clear()
                     with PeakMemory(device, resettable) as mem:
@@ -96,6 +116,7 @@ def worker(spec_path: str) -> None:
                         out = call(False)
                         sync(device)
                         times.append(time.perf_counter() - t0)
+                    inside.append(adapter.counter["s"])
                     outs.append(out)
                     mems.append(mem.mb)
                 i = _median_index(times)
@@ -103,9 +124,7 @@ def worker(spec_path: str) -> None:
                 row.update(seconds=times[i], times=times, products=out["products"], hvp_ms=hvp_ms,
                            peak_mb=max(mems), mem_method="cuda" if device.startswith("cuda") else
                            ("vmhwm-reset" if resettable else "ru_maxrss-delta"))
-                row["ms_per_product"] = 1e3 * times[i] / out["products"] if out["products"] else None
-                if hvp_ms and out["products"]:
-                    row["floor_ratio"] = times[i] / (out["products"] * hvp_ms / 1e3)
+                row.update(in_run_figures(times[i], out["products"], inside[i], hvp_ms))
                 row["error"] = _accuracy(task, out, exact)
                 if task == "top10":
                     row["eigenvalues"] = [float(v) for v in out["eigenvalues"]]

@@ -22,7 +22,8 @@ the CNN and the ResNet run at the first thread count only unless --cnn-threads /
 Figures per tool, task and thread count: wall time (median of the timed repeats after a
 warm-up, the lower one for an even count, the operator's construction included), Hessian-vector products (counted at each
 tool's product entry point), time per product, the tool's own single product time and
-the ratio total / (products x that), accuracy (top-10: max relative error of the 10
+the ratio total / (products x that), the time spent inside the products during the run
+and the ratio total / that (the solver's overhead on top of its products), accuracy (top-10: max relative error of the 10
 eigenvalues; trace: relative error; SLQ: 1-Wasserstein distance between the quadrature
 measure and the exact spectrum), peak memory above the process's resident set before the
 task (CPU: VmHWM reset through /proc/self/clear_refs, or ru_maxrss deltas in a process
@@ -60,8 +61,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import OUT, environment, parser, table, write_json  # noqa: E402
 from _peers_adapters import _flat, can_reset_peak  # noqa: E402
 from _peers_config import (  # noqa: E402
-    DEFAULTS_DIFFER, DEFAULTS_WORKLOADS, DISTRIBUTIONS, ERROR_LABEL, LANCZOS_TOL, MODULES, NOTES, PRODUCT_WORKLOADS,
-    REFERENCE, SKIPPED, SUPPORT, TASK_LABEL, TASKS, TOOL_TASKS, TOOLS,
+    DEFAULTS_DIFFER, DEFAULTS_ONLY, DEFAULTS_WORKLOADS, DISTRIBUTIONS, ERROR_LABEL, LANCZOS_TOL, MODULES, NOTES,
+    PRODUCT_WORKLOADS, REFERENCE, SKIPPED, SUPPORT, TASK_LABEL, TASKS, TOOL_TASKS, TOOLS,
 )
 from _peers_targets import add_ratios, load_compiled, render_targets, targets  # noqa: E402
 from _peers_worker import worker  # noqa: E402
@@ -184,6 +185,21 @@ def _reference_record(exact: dict) -> dict:
     return out
 
 
+def run_tasks(workload: str, tool: str, mode: str) -> tuple[str, ...]:
+    """The tasks a tool runs on a workload at "matched" or "defaults" settings (skipped ones included).
+
+    Defaults rows run only on DEFAULTS_WORKLOADS, where the call differs from the matched one
+    (DEFAULTS_DIFFER), and on a workload of DEFAULTS_ONLY only for the tools and tasks it names.
+    """
+    tasks = TOOL_TASKS.get(tool, TASKS)
+    if mode != "defaults":
+        return tasks
+    if workload not in DEFAULTS_WORKLOADS:
+        return ()
+    only = DEFAULTS_ONLY.get(workload)
+    return tuple(t for t in tasks if t in DEFAULTS_DIFFER.get(tool, ()) and (only is None or t in only.get(tool, ())))
+
+
 def run_worker(spec: dict, tmp: Path, timeout: float) -> list[dict]:
     tag = f"{spec['workload']}-{spec['tool']}-{spec['settings']}-{'-'.join(spec['tasks'])}"
     spec = dict(spec, result=str(tmp / f"{tag}.json"))
@@ -212,7 +228,9 @@ def run_worker(spec: dict, tmp: Path, timeout: float) -> list[dict]:
 
 COLUMNS = [("workload", "workload", "s"), ("threads", "thr", "d"), ("task", "task", "s"), ("tool", "tool", "s"),
            ("settings", "settings", "s"), ("seconds", "time s", ".2f"), ("products", "HVPs", "d"), ("ms_per_product", "ms/HVP", ".1f"),
-           ("hvp_ms", "own HVP ms", ".1f"), ("floor_ratio", "total/floor", ".2f"), ("error", "error", ".2e"),
+           ("hvp_ms", "own HVP ms", ".1f"), ("floor_ratio", "total/floor", ".2f"),
+           ("ms_per_product_in_run", "in-run ms/HVP", ".1f"), ("solver_overhead", "total/in-products", ".2f"),
+           ("error", "error", ".2e"),
            ("peak_mb", "peak MB", ".0f"), ("vs_hesslab", "time ÷ hesslab", ".2f"),
            ("vs_best_peer", "best peer ÷ hesslab", ".2f")]
 
@@ -221,7 +239,9 @@ def render(rows: list[dict], env: dict, settings: dict) -> str:
     shown = [dict(r, task=TASK_LABEL.get(r["task"], r["task"]) + (" (FAILED)" if r.get("failed") else "")) for r in rows]
     lines = [table(shown, COLUMNS), "",
              "error: " + "; ".join(f"{TASK_LABEL[t]}: {ERROR_LABEL[t]}" for t in TASKS) + " (– where no exact Hessian).",
-             "time ÷ hesslab > 1: hesslab is faster. total/floor: wall time / (HVPs × the tool's own single HVP).", ""]
+             "time ÷ hesslab > 1: hesslab is faster. total/floor: wall time / (HVPs × the tool's own single HVP). "
+             "in-run ms/HVP: time inside the product entry point in the same run / HVPs; total/in-products: "
+             "wall time / that time (what the solver adds; 1.00 = nothing).", ""]
     fails = [r for r in rows if r.get("failed")]
     for r in fails:
         lines.append(f"- FAILED {r['workload']} {r['tool']} {r['task']} (threads {r.get('threads')}): {r['failed']}")
@@ -306,12 +326,10 @@ def main() -> None:
         for wl in workloads:
             krylov_steps = None
             for mode in ("matched", "defaults"):
-                if mode not in wanted_settings or (mode == "defaults" and wl not in DEFAULTS_WORKLOADS):
+                if mode not in wanted_settings:
                     continue
                 for tool in tools:
-                    tool_tasks = TOOL_TASKS.get(tool, TASKS)
-                    if mode == "defaults":
-                        tool_tasks = tuple(t for t in tool_tasks if t in DEFAULTS_DIFFER.get(tool, ()))
+                    tool_tasks = run_tasks(wl, tool, mode)
                     for t in [t for t in tool_tasks if (wl, tool, t) in SKIPPED]:
                         rows.append(dict(workload=wl, tool=tool, task=t, settings=mode, threads=wl_threads[wl][0],
                                          note="skipped: " + SKIPPED[(wl, tool, t)]))

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -75,6 +76,109 @@ def test_peer_ratios_take_the_fastest_equally_accurate_peer_and_targets_say_met(
     assert "| target |" in t.render_targets(list(goals.values()))
 
 
+@pytest.mark.skipif(not (BENCH / "_peers_adapters.py").exists(), reason="needs a source checkout")
+def test_product_timer_accumulates_time_inside_products_once_per_outer_call_and_resets():
+    import time
+
+    from torch import nn
+
+    a = _load_bench_module("_peers_adapters")
+    counter = a.new_counter()
+    calls = []
+
+    def product(cols, nested=False):
+        calls.append(cols)
+        time.sleep(0.02)
+        if nested:  # a product that re-enters the entry point is timed once, its columns counted
+            wrapped(1)
+        return cols
+
+    wrapped = a._counting(product, counter, lambda cols, nested=False: cols)
+    t0 = time.perf_counter()
+    assert wrapped(3) == 3 and wrapped(2, nested=True) == 2
+    outside = time.perf_counter() - t0
+    assert calls == [3, 2, 1] and counter["n"] == 6 and counter["depth"] == 0
+    assert 3 * 0.02 <= counter["s"] <= outside  # three sleeps inside, nothing counted twice
+    with pytest.raises(ZeroDivisionError):  # a failing product still stops its timer
+        a._counting(lambda: 1 / 0, counter)()
+    assert counter["depth"] == 0 and counter["n"] == 7
+    adapter = a.Adapter(nn.Linear(2, 2), None, None, "cpu")
+    adapter.counter.update(n=5, s=1.5)
+    adapter.reset_counter()
+    assert adapter.counter == {"n": 0, "s": 0.0, "depth": 0}
+    w = _load_bench_module("_peers_worker")
+    fig = w.in_run_figures(seconds=3.0, products=10, product_s=2.5, hvp_ms=200.0)
+    assert fig["ms_per_product"] == 300.0 and fig["ms_per_product_in_run"] == 250.0
+    assert abs(fig["floor_ratio"] - 1.5) < 1e-12 and abs(fig["solver_overhead"] - 1.2) < 1e-12
+    assert "solver_overhead" not in w.in_run_figures(1.0, 0, 0.0, None)
+
+
+@pytest.mark.skipif(not (BENCH / "_peers_targets.py").exists(), reason="needs a source checkout")
+def test_targets_add_the_solver_overhead_row_beside_the_floor_row_and_render_shows_both_columns():
+    t = _load_bench_module("_peers_targets")
+    base = dict(workload="resnet128", threads=1, settings="matched", dtype="float32", tool="hesslab", seconds=5.0)
+    rows = [dict(base, task="slq", floor_ratio=1.4, solver_overhead=1.03, ms_per_product_in_run=41.0, products=100),
+            dict(base, task="trace", floor_ratio=1.01, solver_overhead=1.2, ms_per_product_in_run=40.0, products=100),
+            dict(base, workload="cnn512", task="trace", solver_overhead=1.5)]  # ResNet only
+    goals = {(g["target"], g["where"]): g for g in t.targets(rows, None)}
+    solver = "solver overhead: total / time inside products (same run)"
+    floor = "overhead: total / (products x kept-graph product)"
+    assert goals[(solver, "resnet128, SLQ density")]["value"] == 1.03
+    assert goals[(solver, "resnet128, SLQ density")]["met"] is True
+    assert goals[(floor, "resnet128, SLQ density")]["met"] is False  # the issue's definition, kept
+    assert goals[(solver, "resnet128, Hutchinson trace")]["met"] is False
+    assert goals[(floor, "resnet128, Hutchinson trace")]["met"] is True
+    assert all(g["goal"] == "<= 1.05" for g in goals.values()) and len(goals) == 4
+    b = _load_bench_module("bench_peers")
+    md = b.render(rows, {}, {})
+    assert "| in-run ms/HVP | total/in-products |" in md
+    assert "| 41.0 | 1.03 |" in md and "| 40.0 | 1.20 |" in md
+
+
+@pytest.mark.skipif(not (BENCH / "_peers_adapters.py").exists(), reason="needs a source checkout")
+@pytest.mark.parametrize("settings, verify", [("matched", False), ("defaults", None)])
+def test_hesslab_top10_matched_skips_verification_and_defaults_keep_it(monkeypatch, settings, verify):
+    import time
+
+    import hesslab as hl
+    import hesslab.linops._curvature as curvature
+    from hesslab import zoo
+    from torch import nn
+
+    from tests.test_linops import dense_hessian
+
+    a = _load_bench_module("_peers_adapters")
+    seen, real, check = [], hl.lanczos, curvature.check_first_product
+
+    def recording(op, **kw):
+        seen.append(kw)
+        return real(op, **kw)
+
+    def slow_check(*args, **kwargs):  # the first product's derivative check: overhead, not product time
+        seen.append("check")
+        time.sleep(0.2)
+        return check(*args, **kwargs)
+
+    monkeypatch.setattr(hl, "lanczos", recording)
+
+    monkeypatch.setattr(curvature, "check_first_product", slow_check)
+    (X, y), _ = zoo.digits()
+    model = zoo.digits_mlp(hidden=(16,)).double().eval()  # 1,210 parameters
+    adapter = a.HesslabAdapter(model, nn.CrossEntropyLoss(), (X[:64].double(), y[:64]), "cpu")
+    adapter.settings = settings
+    t0 = time.perf_counter()
+    out = adapter.top_k(3, None, small=False)
+    elapsed = time.perf_counter() - t0
+    assert seen[0].get("verify") is verify  # defaults: hesslab's own (verify=True when not passed)
+    assert ("compute_residuals" in seen[0]) is (settings == "matched")
+    # every product went through the wrapped _product: its count is the operator's; the check is not in it
+    assert seen.count("check") == 1
+    assert adapter.counter["n"] == out["products"] > 0 and 0 < adapter.counter["s"] <= elapsed - 0.2
+    H = dense_hessian(model, nn.CrossEntropyLoss(), X[:64].double(), y[:64]).numpy()
+    ref = np.linalg.eigvalsh(H)[::-1][:3]
+    assert np.max(np.abs(np.array(out["eigenvalues"]) - ref) / np.abs(ref)) < 1e-6
+
+
 @pytest.mark.skipif(not (BENCH / "bench_peers.py").exists(), reason="needs a source checkout")
 def test_peer_benchmark_product_workload_quick_run(tmp_path):
     out = tmp_path / "peers.json"
@@ -85,10 +189,13 @@ def test_peer_benchmark_product_workload_quick_run(tmp_path):
                          ("top10", "defaults"), ("trace", "defaults")}
     for row in rows.values():
         assert not row.get("failed") and row["seconds"] > 0 and row["products"] > 0
+        # the time inside the products is part of the timed run's wall time
+        assert 0 < row["product_s"] <= row["seconds"] and row["solver_overhead"] >= 1.0
     # top-10 against the float64 reference: float32 products cap the error near 1e-6
     assert rows[("top10", "matched")]["error"] < 1e-4 and rows[("top10", "defaults")]["error"] < 1e-4
     assert rows[("trace", "defaults")]["products"] == 100 and "targets" in data
     assert "### Targets of issue 15" in r.stdout and "| workload | thr | task | tool | settings |" in r.stdout
+    assert "| in-run ms/HVP | total/in-products |" in r.stdout
 
 
 @pytest.mark.skipif(not (BENCH / "bench_compiled.py").exists(), reason="needs a source checkout")
