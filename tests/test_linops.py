@@ -12,6 +12,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -210,6 +212,21 @@ def test_loader_with_uneven_last_batch_gives_full_batch_hessian(case):
     full = Hessian(model, CE, (X, y))
     assert_close(H.gradient(), full.gradient())
     assert abs(H.loss() - full.loss()) <= 1e-12 * abs(full.loss())
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cuts=st.lists(st.integers(1, 19), max_size=3, unique=True), b=st.integers(1, 4))
+def test_products_over_any_split_of_the_data_match_the_dense_hessian(cuts, b):
+    """One batch (its product is the mean as it is) and any uneven split (weighted by n_k)."""
+    model = mlp()
+    X, y = _data()  # 20 samples
+    edges = [0, *sorted(cuts), 20]
+    batches = [(X[a:c], y[a:c]) for a, c in zip(edges, edges[1:])]
+    data = batches[0] if len(batches) == 1 else batches
+    H = Hessian(model, CE, data, check_deterministic=False)
+    V = torch.randn(H.shape[0], b, dtype=torch.float64, generator=torch.Generator().manual_seed(len(edges)))
+    assert_close(H @ V, dense_hessian(model, CE, X, y) @ V)
+    assert H.num_data == 20
 
 
 def test_gradient_and_loss_match_autograd():
