@@ -144,7 +144,10 @@ NOTES = {
               "warm-up that sends a few products through the same code paths; each tool in its own process, tools "
               "one after another, so a change in the machine's load hits them unequally: the load average is "
               "recorded, and total/floor (against the tool's own single product, measured in the same process) "
-              "is the steadier figure.",
+              "and total/in-products are the steadier figures. The product workloads (cnn512, resnet128) run "
+              "two rounds over the tools, the second in reverse order (ABC, CBA), and each row's times are the "
+              "means of its two rounds ('round_seconds' in the JSON), so that a drift of the machine's speed "
+              "over the minutes of a workload weighs on every tool alike.",
     "threads": "mlp at every --threads count; cnn and resnet at the first only by default (--cnn-threads 1,2 "
                "and --resnet-threads 1,2 add their 2-thread figures, about 4 and 5 more minutes: on this machine "
                "the small CNN's 2-thread runs were 3-6x slower than its 1-thread runs for every tool, which "

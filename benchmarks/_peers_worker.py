@@ -53,6 +53,33 @@ def in_run_figures(seconds: float, products: int, product_s: float, hvp_ms: floa
     return out
 
 
+def merge_rounds(rounds: list[list[dict]]) -> list[dict]:
+    """One row per measurement from several rounds of the same workers, run in alternating
+    tool order (ABC, then CBA): a linear drift of the machine's speed then weighs on every
+    tool alike. A row's wall time, time inside products and single-product time are the
+    means over the rounds that measured it (``round_seconds`` keeps each round's time);
+    its outputs (eigenvalues, error, products, memory) are the first round's.
+    """
+    def key(r: dict) -> tuple:
+        return r["workload"], r["tool"], r["task"], r.get("settings"), r.get("threads")
+
+    later = [{key(r): r for r in rows} for rows in rounds[1:]]
+    merged = []
+    for row in rounds[0]:
+        same = [row] + [d[key(row)] for d in later if key(row) in d and "seconds" in d[key(row)]]
+        if "seconds" not in row or len(same) == 1:
+            merged.append(row)
+            continue
+        mean = lambda f: sum(r[f] for r in same) / len(same)  # noqa: E731
+        hvps = [r["hvp_ms"] for r in same if r.get("hvp_ms")]
+        out = dict(row, seconds=mean("seconds"), product_s=mean("product_s"),
+                   round_seconds=[r["seconds"] for r in same],
+                   hvp_ms=sum(hvps) / len(hvps) if hvps else row.get("hvp_ms"))
+        out.update(in_run_figures(out["seconds"], row["products"], out["product_s"], out["hvp_ms"]))
+        merged.append(out)
+    return merged
+
+
 def _median_index(times: list[float]) -> int:
     return sorted(range(len(times)), key=times.__getitem__)[(len(times) - 1) // 2]
 

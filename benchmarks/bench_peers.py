@@ -65,7 +65,7 @@ from _peers_config import (  # noqa: E402
     PRODUCT_WORKLOADS, REFERENCE, SKIPPED, SUPPORT, TASK_LABEL, TASKS, TOOL_TASKS, TOOLS,
 )
 from _peers_targets import add_ratios, load_compiled, render_targets, targets  # noqa: E402
-from _peers_worker import worker  # noqa: E402
+from _peers_worker import merge_rounds, worker  # noqa: E402
 
 # ----------------------------------------------------------------------------- parent
 def tool_versions() -> dict[str, str | None]:
@@ -267,6 +267,10 @@ def main() -> None:
                    help="thread counts for resnet_small (default: the first of --threads, to keep the run short)")
     p.add_argument("--resnet18-batch", type=int, default=128, help="images in the ResNet-18 batch")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per worker process")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="rounds over the tools on the product workloads, in alternating order (ABC, CBA), "
+                        "times averaged: this machine's speed drifts by ~30%% over minutes (default 2; "
+                        "1 with --quick)")
     p.add_argument("--omp-wait-policy", default="PASSIVE",
                    help="OMP_WAIT_POLICY for the worker processes unless already set ('' leaves it unset): "
                         "PASSIVE keeps 2-thread runs sane on a shared 2-core machine")
@@ -306,6 +310,8 @@ def main() -> None:
     if args.quick:
         repeats = dict.fromkeys(repeats, 1)
     repeats = {k: min(v, args.repeats) for k, v in repeats.items()}
+    rounds = args.rounds or (1 if args.quick else 2)
+    rounds_of = {w: rounds if w in PRODUCT_WORKLOADS else 1 for w in workloads}
     warmup = dict.fromkeys(repeats, "small")  # a few products through the same code paths
     tools, missing = available_tools([t.strip() for t in args.tools.split(",") if t.strip()])
     if "hesslab" not in tools:
@@ -325,6 +331,7 @@ def main() -> None:
         torch.save(payload, tmp / "payload.pt")
         for wl in workloads:
             krylov_steps = None
+            jobs = []  # (mode, tool, tasks), in order: hesslab's matched top-10 first (its step count)
             for mode in ("matched", "defaults"):
                 if mode not in wanted_settings:
                     continue
@@ -335,17 +342,23 @@ def main() -> None:
                                          note="skipped: " + SKIPPED[(wl, tool, t)]))
                     tool_tasks = tuple(t for t in tool_tasks if (wl, tool, t) not in SKIPPED)
                     groups = [list(tool_tasks)] if resettable or cuda else [[t] for t in tool_tasks]
-                    for tasks in filter(None, groups):
-                        spec = dict(workload=wl, tool=tool, tasks=tasks, device=device, settings=mode,
-                                    threads=wl_threads[wl],
-                                    payload=str(tmp / "payload.pt"), repeats=repeats[wl], warmup=warmup[wl],
-                                    config=configs.get(wl, config), resettable=resettable,
-                                    krylov_steps=krylov_steps, omp_wait_policy=args.omp_wait_policy)
-                        got = run_worker(spec, tmp, args.timeout)
-                        rows += got
-                        if tool == "hesslab" and mode == "matched":
-                            steps = [r.get("steps") for r in got if r.get("task") == "top10" and r.get("steps")]
-                            krylov_steps = krylov_steps or (max(steps) if steps else None)
+                    jobs += [(mode, tool, tasks) for tasks in groups if tasks]
+            rounds = []
+            for rnd in range(rounds_of[wl]):
+                got_round = []
+                for mode, tool, tasks in (jobs if rnd % 2 == 0 else jobs[::-1]):
+                    spec = dict(workload=wl, tool=tool, tasks=tasks, device=device, settings=mode,
+                                threads=wl_threads[wl],
+                                payload=str(tmp / "payload.pt"), repeats=repeats[wl], warmup=warmup[wl],
+                                config=configs.get(wl, config), resettable=resettable,
+                                krylov_steps=krylov_steps, omp_wait_policy=args.omp_wait_policy)
+                    got = run_worker(spec, tmp, args.timeout)
+                    got_round += got
+                    if tool == "hesslab" and mode == "matched":
+                        steps = [r.get("steps") for r in got if r.get("task") == "top10" and r.get("steps")]
+                        krylov_steps = krylov_steps or (max(steps) if steps else None)
+                rounds.append(got_round)
+            rows += merge_rounds(rounds)
     add_ratios(rows)
     env = environment(device)
     env["peers"] = versions
@@ -361,6 +374,7 @@ def main() -> None:
                 "exact": {k: _reference_record(v["exact"]) for k, v in payload.items() if "exact" in v},
                 "configs": configs,
                 "command": " ".join([Path(sys.executable).name, *sys.argv]), "quick": args.quick,
+                "rounds": rounds_of,
                 "duration_seconds": duration}
     md = render(rows, env, settings)
     goals = targets(rows, load_compiled((args.out.parent if args.out else OUT), "compiled"))

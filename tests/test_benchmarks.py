@@ -179,12 +179,36 @@ def test_hesslab_top10_matched_skips_verification_and_defaults_keep_it(monkeypat
     assert np.max(np.abs(np.array(out["eigenvalues"]) - ref) / np.abs(ref)) < 1e-6
 
 
+def test_rounds_merge_into_means_with_consistent_figures():
+    sys.path.insert(0, str(BENCH))
+    from _peers_worker import merge_rounds
+
+    def row(tool, seconds, product_s, hvp_ms, **kw):
+        return dict(workload="w", tool=tool, task="trace", settings="matched", threads=1, seconds=seconds,
+                    products=10, product_s=product_s, hvp_ms=hvp_ms, **kw)
+
+    first = [row("a", 2.0, 1.6, 100.0, error=0.1), row("b", 4.0, 3.0, 200.0), row("c", 1.0, 1.0, 1.0),
+             row("d", 1.0, 0.5, 50.0)]
+    first[2].pop("seconds")  # a failed row: no time
+    second = [row("b", 6.0, 5.0, 300.0), row("a", 3.0, 2.4, 120.0, error=0.9)]  # reverse order; d missing
+    a, b, c, d = merge_rounds([first, second])
+    assert a["seconds"] == 2.5 and a["round_seconds"] == [2.0, 3.0] and a["error"] == 0.1  # outputs: round 1
+    assert a["product_s"] == pytest.approx(2.0) and a["hvp_ms"] == pytest.approx(110.0)
+    assert a["solver_overhead"] == pytest.approx(2.5 / 2.0) and a["ms_per_product_in_run"] == pytest.approx(200.0)
+    assert a["floor_ratio"] == pytest.approx(2.5 / (10 * 0.110))
+    assert b["seconds"] == 5.0 and b["solver_overhead"] == pytest.approx(5.0 / 4.0)
+    assert "seconds" not in c and d == first[3]  # unmeasured and single-round rows pass through
+
+
 @pytest.mark.skipif(not (BENCH / "bench_peers.py").exists(), reason="needs a source checkout")
 def test_peer_benchmark_product_workload_quick_run(tmp_path):
     out = tmp_path / "peers.json"
-    r = _run_quick("bench_peers.py", ["--workloads", "cnn512", "--tools", "hesslab"], out, timeout=900)
+    r = _run_quick("bench_peers.py", ["--workloads", "cnn512", "--tools", "hesslab", "--rounds", "2"], out,
+                   timeout=900)
     data = json.loads(out.read_text())
     rows = {(x["task"], x["settings"]): x for x in data["rows"]}
+    for row in rows.values():  # two rounds, the row's time their mean
+        assert len(row["round_seconds"]) == 2 and row["seconds"] == pytest.approx(np.mean(row["round_seconds"]))
     assert set(rows) == {("top10", "matched"), ("slq", "matched"), ("trace", "matched"),
                          ("top10", "defaults"), ("trace", "defaults")}
     for row in rows.values():
