@@ -124,25 +124,27 @@ inline void check_lanczos_step(const at::Tensor& Q, const at::Tensor& w,
   check_no_overlap(w, beta_prev, op, "w", "beta_prev");
 }
 
-// reorthogonalize_(Q (b,m,n), w (b,n), j in [0, m]).
-inline void check_reorthogonalize(const at::Tensor& Q, const at::Tensor& w, int64_t j) {
-  const char* op = "reorthogonalize_";
+// What reorthogonalize_ and gs_sweep_ share: Q and w, a row count in [0, m] (argument
+// `what`), and a w that is mutated (contiguous, no memory shared with Q).
+inline void check_rows_and_mutated_w(const at::Tensor& Q, const at::Tensor& w, int64_t rows,
+                                     const char* op, const char* what) {
   check_basis_and_vectors(Q, w, op);
-  TORCH_CHECK_VALUE(j >= 0 && j <= Q.size(1), "hesslab.", op,
-                    ": argument 'j' must satisfy 0 <= j <= m = ", Q.size(1), ", got ", j);
+  TORCH_CHECK_VALUE(rows >= 0 && rows <= Q.size(1), "hesslab.", op, ": argument '", what,
+                    "' must satisfy 0 <= ", what, " <= m = ", Q.size(1), ", got ", rows);
   check_mutated_contiguous(w, op, "w");
   check_no_overlap(w, Q, op, "w", "Q");
+}
+
+// reorthogonalize_(Q (b,m,n), w (b,n), j in [0, m]).
+inline void check_reorthogonalize(const at::Tensor& Q, const at::Tensor& w, int64_t j) {
+  check_rows_and_mutated_w(Q, w, j, "reorthogonalize_", "j");
 }
 
 // gs_sweep_(Q (b,m,n), w (b,n), coef (b, rows) float64 or none, rows in [0, m]).
 inline void check_gs_sweep(const at::Tensor& Q, const at::Tensor& w,
                            const std::optional<at::Tensor>& coef, int64_t rows) {
   const char* op = "gs_sweep_";
-  check_basis_and_vectors(Q, w, op);
-  TORCH_CHECK_VALUE(rows >= 0 && rows <= Q.size(1), "hesslab.", op,
-                    ": argument 'rows' must satisfy 0 <= rows <= m = ", Q.size(1), ", got ", rows);
-  check_mutated_contiguous(w, op, "w");
-  check_no_overlap(w, Q, op, "w", "Q");
+  check_rows_and_mutated_w(Q, w, rows, op, "rows");
   if (coef.has_value()) {
     const at::Tensor& c = *coef;
     TORCH_CHECK_TYPE(c.scalar_type() == at::kDouble, "hesslab.", op,
