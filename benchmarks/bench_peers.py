@@ -343,7 +343,7 @@ def main() -> None:
                     tool_tasks = tuple(t for t in tool_tasks if (wl, tool, t) not in SKIPPED)
                     groups = [list(tool_tasks)] if resettable or cuda else [[t] for t in tool_tasks]
                     jobs += [(mode, tool, tasks) for tasks in groups if tasks]
-            rounds = []
+            round_rows = []
             for rnd in range(rounds_of[wl]):
                 got_round = []
                 for mode, tool, tasks in (jobs if rnd % 2 == 0 else jobs[::-1]):
@@ -357,8 +357,8 @@ def main() -> None:
                     if tool == "hesslab" and mode == "matched":
                         steps = [r.get("steps") for r in got if r.get("task") == "top10" and r.get("steps")]
                         krylov_steps = krylov_steps or (max(steps) if steps else None)
-                rounds.append(got_round)
-            rows += merge_rounds(rounds)
+                round_rows.append(got_round)
+            rows += merge_rounds(round_rows)
     add_ratios(rows)
     env = environment(device)
     env["peers"] = versions

@@ -330,23 +330,22 @@ class CurvatureOperator(LinearOperator):
             return self._sharded.product(V)
         n, b = V.shape
         Vs = columns_to_params(V, self.param_shapes)  # [(b, *s_i)]
-        acc, first, count, num_batches = None, 0, 0, 0
+        one = self._md.single and not distributed_active()  # one batch: A_1 V is the mean as it is
+        acc, count = None, 0
         with torch.enable_grad(), self._md.model_mode():
             for _, inputs, targets, size in self._md.batches():
                 parts = self._batch_product(inputs, targets, Vs, reuse)  # [(b, *s_i)]
                 cols = params_to_columns(parts)  # (n, b), a fresh tensor
-                if acc is None:  # the first batch's A_1 V, weighted only once a second comes
-                    acc, first = cols, size
+                if one:
+                    acc = cols
                 else:
-                    acc = (acc.mul_(first) if num_batches == 1 else acc).add_(cols, alpha=size)
-                num_batches += 1
+                    acc = cols.mul_(size) if acc is None else acc.add_(cols, alpha=size)
                 count += size
         if acc is None:
             acc = torch.zeros(n, b, dtype=self.dtype, device=self.device)
         num_data = self._md.set_count(count)
-        if num_batches != 1 or num_data != first or distributed_active():
-            # Σ_k n_k A_k V over all batches and ranks, over N (one batch alone is the mean)
-            acc = all_reduce_sum_(acc.mul_(first) if num_batches == 1 else acc).div_(num_data)
+        if not one:  # Σ_k n_k A_k V over all batches and ranks, over N
+            acc = all_reduce_sum_(acc).div_(num_data)
         # a sum is finite only if every entry is: one reduction instead of an (n, b) mask
         if not bool(torch.isfinite(acc.sum())) and not bool(torch.isfinite(acc).all()):
             _diagnose_nonfinite(self, V, "product")
